@@ -1,0 +1,1 @@
+"""Backends: one module per destination, each a full offset-aware ``SessionStore``."""

@@ -1,0 +1,74 @@
+"""Tuning: every knob ``DurableSessionStore(..., **tuning)`` accepts, with its default and why."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from .errors import PermanentBackendError
+
+
+def default_is_permanent(exc: BaseException) -> bool:
+    """Errors that retrying cannot fix: the backend said no, or the batch is malformed.
+
+    Everything else (connection errors, timeouts, unknown exceptions) is
+    retried: dropping is never the safe default.
+    """
+    return isinstance(exc, PermanentBackendError | PermissionError | ValueError | TypeError)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    # Durability of the local commit: FULL fsyncs every commit; NORMAL may lose
+    # the last commits on power loss (not on a process crash).
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # One backend call carries at most this many entries / bytes of one key.
+    max_batch_entries: int = 500
+    max_batch_bytes: int = 4 << 20
+    # A batch waits at most this long for more entries before it is sent.
+    batch_linger: float = 0.005
+    # Keys delivered concurrently to one backend.
+    max_parallel_keys: int = 16
+    # A backend call that takes longer is abandoned and retried (offsets make
+    # the retry safe; foreign stores get a uuid tail check first).
+    call_timeout: float = 30.0
+    # Exponential backoff with full jitter: sleep uniform(0, min(max, initial * 2**n)).
+    backoff_initial: float = 0.05
+    backoff_max: float = 5.0
+    # After this many consecutive failures the breaker opens: one probe call per
+    # backoff_max until the backend answers again.
+    breaker_threshold: int = 5
+    # Acknowledged entries stay queued this long (reads survive an outage), then go.
+    retention_seconds: float = 60.0
+    compact_interval: float = 5.0
+    # Disk cap for queued entry bytes (None: unbounded) and what append does when full.
+    max_queue_bytes: int | None = 1 << 30
+    full_policy: Literal["wait", "raise"] = "wait"
+    full_timeout: float = 30.0
+    # A single entry larger than this is refused with a clear error.
+    max_entry_bytes: int = 16 << 20
+    # Names of the backends' cursors in the queue; default "<index>:<class name>".
+    backend_names: tuple[str, ...] | None = None
+    is_permanent: Callable[[BaseException], bool] = default_is_permanent
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        if self.full_policy not in ("wait", "raise"):
+            raise ValueError("full_policy must be 'wait' or 'raise'")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"{f.name} must not be negative, got {value}")
+        for name in (
+            "max_batch_entries",
+            "max_batch_bytes",
+            "max_parallel_keys",
+            "breaker_threshold",
+            "max_entry_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.call_timeout <= 0 or self.backoff_max <= 0:
+            raise ValueError("call_timeout and backoff_max must be positive")

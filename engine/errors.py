@@ -1,0 +1,89 @@
+"""Exceptions walmirror raises.
+
+Every message here names keys, files and counts, never transcript content
+(contract 9): error text ends up in logs, status output and telemetry.
+"""
+
+from __future__ import annotations
+
+
+class WalmirrorError(Exception):
+    """Base class for every error walmirror raises on purpose."""
+
+
+class InvalidKeyError(WalmirrorError, ValueError):
+    """A ``SessionKey`` that is malformed or could escape its storage location."""
+
+
+class InvalidEntryError(WalmirrorError, ValueError):
+    """An entry that is not a JSON object, cannot be serialised, or is too large."""
+
+
+class QueueFullError(WalmirrorError):
+    """The local queue reached its configured byte cap (or the disk is full).
+
+    Raised by ``append`` when the full-policy is ``"raise"``, or when the
+    ``"wait"`` policy's timeout passes. Nothing of the rejected batch was stored.
+    """
+
+
+class QueueLockedError(WalmirrorError):
+    """Another process holds the queue file; two processes never share one."""
+
+
+class CorruptQueueError(WalmirrorError):
+    """The queue file is not a walmirror queue or is damaged. It is left untouched."""
+
+
+class QueueClosedError(WalmirrorError):
+    """The store was closed; it accepts no more calls."""
+
+
+class BackendUnavailableError(WalmirrorError):
+    """A read needed the backend, the backend failed, and local data is not enough."""
+
+
+class BackendError(WalmirrorError):
+    """Base for errors a backend raises about the offset protocol."""
+
+
+class PermanentBackendError(BackendError):
+    """The backend rejected a batch for good (validation, size, permission).
+
+    Backends raise it (or a subclass) to ask the flusher to park the key
+    instead of retrying. Retrying cannot help.
+    """
+
+
+class OffsetGapError(PermanentBackendError):
+    """An append at an offset past the key's current length: entries would be missing."""
+
+    def __init__(self, key_desc: str, offset: int, length: int) -> None:
+        super().__init__(
+            f"{key_desc}: append at offset {offset} but the backend holds {length} entries"
+        )
+        self.offset = offset
+        self.length = length
+
+
+class OffsetConflictError(PermanentBackendError):
+    """An append over offsets the backend already holds with different entries.
+
+    Typically two hosts appended to the same key without handing it over.
+    """
+
+    def __init__(self, key_desc: str, offset: int, length: int) -> None:
+        super().__init__(
+            f"{key_desc}: entries at offset {offset} differ from what the backend holds "
+            f"(length {length}); another writer appended to this key"
+        )
+        self.offset = offset
+        self.length = length
+
+
+class FlushTimeoutError(WalmirrorError, TimeoutError):
+    """``flush(timeout)`` passed its timeout before every backend acknowledged."""
+
+
+class FlushBlockedError(WalmirrorError):
+    """``flush()`` cannot complete: keys it waits for are parked."""

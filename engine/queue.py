@@ -1,0 +1,938 @@
+"""The write-ahead queue: a SQLite file where every entry is durable before ``append`` returns.
+
+Layout (schema version 1)::
+
+    keys       key_id, project_key, session_id, subpath ('' = main), next_seq, updated_at
+    entries    id, key_id, seq, appended_at, nbytes, body      UNIQUE(key_id, seq)
+    uuids      (key_id, uuid)            the idempotency ledger; outlives compaction
+    cursors    (backend, key_id) -> base, acked
+    parked     (backend, key_id) -> error, parked_at
+    tombstones id, backend, project_key, session_id, subpath ('' = whole session)
+
+``seq`` numbers a key's entries on this host from 0. A backend's cursor says
+how many of them it acknowledged (``acked``) and where local entry 0 sits in
+the backend's transcript (``base``, learned once; see ``backend.py``), so
+entry ``seq`` goes to offset ``base + seq``. Entries acknowledged by every
+configured backend are deleted by ``compact`` after the retention period; the
+``uuids`` ledger stays until the key is deleted so a replayed entry is still
+recognised.
+
+Concurrency: SQLite connections belong to one thread each. The queue owns two,
+each on its own single-thread executor: the writer (every transaction) and
+the reader (WAL lets it read a consistent snapshot while the writer commits).
+Appends from many sessions are gathered while a commit is in flight and
+written by the next one (group commit), so one fsync covers many callers.
+A second process is kept out by an exclusive ``flock`` on ``<queue>.lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from claude_agent_sdk.types import SessionKey
+
+from .errors import CorruptQueueError, QueueClosedError, QueueFullError, QueueLockedError
+
+SCHEMA_VERSION = 1
+
+# Each step moves the schema from version i to i + 1; run in one transaction.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE keys (
+            key_id INTEGER PRIMARY KEY,
+            project_key TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            subpath TEXT NOT NULL,
+            next_seq INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL,
+            UNIQUE (project_key, session_id, subpath))""",
+        """CREATE TABLE entries (
+            id INTEGER PRIMARY KEY,
+            key_id INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            appended_at REAL NOT NULL,
+            nbytes INTEGER NOT NULL,
+            body BLOB NOT NULL,
+            UNIQUE (key_id, seq))""",
+        """CREATE TABLE uuids (
+            key_id INTEGER NOT NULL, uuid TEXT NOT NULL,
+            PRIMARY KEY (key_id, uuid)) WITHOUT ROWID""",
+        """CREATE TABLE cursors (
+            backend TEXT NOT NULL, key_id INTEGER NOT NULL,
+            base INTEGER, acked INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (backend, key_id)) WITHOUT ROWID""",
+        """CREATE INDEX cursors_by_key ON cursors (key_id)""",
+        """CREATE TABLE parked (
+            backend TEXT NOT NULL, key_id INTEGER NOT NULL,
+            error TEXT NOT NULL, parked_at REAL NOT NULL,
+            PRIMARY KEY (backend, key_id)) WITHOUT ROWID""",
+        """CREATE TABLE tombstones (
+            id INTEGER PRIMARY KEY, backend TEXT NOT NULL,
+            project_key TEXT NOT NULL, session_id TEXT NOT NULL,
+            subpath TEXT NOT NULL, created_at REAL NOT NULL)""",
+    ],
+]
+
+T = TypeVar("T")
+
+Synchronous = Literal["FULL", "NORMAL"]
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """A key as the queue knows it."""
+
+    key_id: int
+    project_key: str
+    session_id: str
+    subpath: str  # '' for the main transcript
+
+    def session_key(self) -> SessionKey:
+        key: SessionKey = {"project_key": self.project_key, "session_id": self.session_id}
+        if self.subpath:
+            key["subpath"] = self.subpath
+        return key
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """What one backend has acknowledged of one key."""
+
+    base: int | None
+    acked: int
+
+
+@dataclass(frozen=True)
+class LocalView:
+    """Everything ``load`` needs to merge local entries with a backend's."""
+
+    key_id: int
+    next_seq: int
+    lowest_held_seq: int | None  # None: no entries held locally
+    cursor: Cursor
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    id: int
+    key: SessionKey  # a main key means the whole session
+
+
+@dataclass
+class BackendStats:
+    pending_entries: int = 0
+    pending_bytes: int = 0
+    pending_keys: int = 0
+    lag_seconds: float = 0.0
+    parked: list[dict[str, Any]] = field(default_factory=list)
+    pending_deletes: int = 0
+
+
+def split_key(key: SessionKey) -> tuple[str, str, str]:
+    return key["project_key"], key["session_id"], key.get("subpath") or ""
+
+
+@dataclass
+class _AppendRequest:
+    key: tuple[str, str, str]
+    rows: list[tuple[str | None, bytes]]  # (uuid, body)
+    nbytes: int
+    future: asyncio.Future[int]
+
+
+class _Connection:
+    """One sqlite3 connection confined to one thread (the aiosqlite idea, minus per-statement hops).
+
+    Callers hand a whole function to the thread, so a transaction of many
+    statements costs one hop, not one per statement.
+    """
+
+    def __init__(self, path: Path, synchronous: Synchronous, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._path = path
+        self._synchronous = synchronous
+        self._conn: sqlite3.Connection | None = None
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        self._conn = conn
+
+    async def open(self) -> None:
+        await self.run(lambda: self._open())
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "connection used before open()"
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self.run(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+
+class WriteAheadQueue:
+    """The local SQLite queue. All methods are coroutines; SQLite work runs off the event loop."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Synchronous = "FULL",
+        max_bytes: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.max_bytes = max_bytes
+        self._writer = _Connection(self.path, synchronous, "walmirror-writer")
+        self._reader = _Connection(self.path, synchronous, "walmirror-reader")
+        self._lock_fd: int | None = None
+        self._backends: tuple[str, ...] = ()
+        self._pending: list[_AppendRequest] = []
+        self._commit_task: asyncio.Task[None] | None = None
+        # Writer-thread state: (project, session, subpath) -> [key_id, next_seq].
+        self._key_cache: dict[tuple[str, str, str], list[int]] = {}
+        self.stored_bytes = 0  # sum of nbytes of entries held; writer-thread owned
+        self._queued_bytes = 0  # bytes of requests waiting for the next group commit
+        self._closed = False
+        self.on_commit: Callable[[], None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self, backends: Iterable[str]) -> None:
+        self._backends = tuple(backends)
+        self._take_lock()
+        try:
+            self._create_file()
+            await self._writer.open()
+            await self._writer.run(self._migrate)
+            await self._reader.open()
+            self.stored_bytes = await self._writer.run(self._sum_bytes)
+        except sqlite3.DatabaseError as exc:
+            await self._close_connections()
+            self._release_lock()
+            raise CorruptQueueError(
+                f"queue file {self.path} is not a readable walmirror queue ({exc}); "
+                "it was left untouched"
+            ) from exc
+        except BaseException:
+            await self._close_connections()
+            self._release_lock()
+            raise
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._commit_task is not None:
+            await asyncio.gather(self._commit_task, return_exceptions=True)
+        await self._close_connections()
+        self._release_lock()
+
+    async def _close_connections(self) -> None:
+        await self._writer.close()
+        await self._reader.close()
+
+    def _take_lock(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise QueueLockedError(
+                f"queue file {self.path} is in use by another process (pid {holder}); "
+                "give each process its own wal_path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    def _create_file(self) -> None:
+        # Create the file ourselves so it is private (0600) from the first byte;
+        # SQLite gives its -wal and -shm files the same mode.
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        elif self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise CorruptQueueError(
+                        f"queue file {self.path} is not a SQLite database; it was left untouched"
+                    )
+
+    def _migrate(self) -> None:
+        conn = self._writer.conn
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            raise CorruptQueueError(
+                f"{self.path} is a SQLite database but not a walmirror queue; it was left untouched"
+            )
+        version = 0
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise CorruptQueueError(
+                f"queue file {self.path} has schema version {version}, newer than this "
+                f"walmirror understands ({SCHEMA_VERSION}); upgrade walmirror"
+            )
+        if version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for step in MIGRATIONS[version:]:
+                    for statement in step:
+                        conn.execute(statement)
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        # A backend added since the last run gets a cursor for every key.
+        conn.execute("BEGIN IMMEDIATE")
+        for backend in self._backends:
+            conn.execute(
+                "INSERT OR IGNORE INTO cursors (backend, key_id) SELECT ?, key_id FROM keys",
+                (backend,),
+            )
+        conn.execute("COMMIT")
+        ok = conn.execute("PRAGMA quick_check").fetchone()
+        if ok is None or ok[0] != "ok":
+            raise CorruptQueueError(f"queue file {self.path} failed SQLite's integrity check")
+
+    def _sum_bytes(self) -> int:
+        row = self._writer.conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries").fetchone()
+        return int(row[0])
+
+    # -- append (group commit) ---------------------------------------------
+
+    async def append(self, key: SessionKey, rows: list[tuple[str | None, bytes]]) -> int:
+        """Durably store ``rows`` (uuid, body) for ``key``; return how many were new.
+
+        Entries whose uuid the key already holds are skipped (the ledger).
+        Returns once the commit holding them is on disk.
+        """
+        if self._closed:
+            raise QueueClosedError("the queue is closed")
+        nbytes = sum(len(body) for _, body in rows)
+        if self.max_bytes is not None and (
+            self.stored_bytes + self._queued_bytes + nbytes > self.max_bytes
+        ):
+            raise QueueFullError(
+                f"queue {self.path} holds {self.stored_bytes} bytes; "
+                f"{nbytes} more would pass the cap of {self.max_bytes}"
+            )
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append(_AppendRequest(split_key(key), rows, nbytes, future))
+        self._queued_bytes += nbytes
+        if self._commit_task is None or self._commit_task.done():
+            self._commit_task = asyncio.create_task(self._commit_loop())
+        return await future
+
+    def would_overflow(self, nbytes: int) -> bool:
+        return self.max_bytes is not None and (
+            self.stored_bytes + self._queued_bytes + nbytes > self.max_bytes
+        )
+
+    async def _commit_loop(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending, []
+            try:
+                results = await self._writer.run(self._commit_group, group)
+            except sqlite3.OperationalError as exc:
+                error: Exception = exc
+                if "full" in str(exc).lower():
+                    error = QueueFullError(f"the disk holding queue {self.path} is full")
+                for request in group:
+                    if not request.future.done():
+                        request.future.set_exception(error)
+            except BaseException as exc:
+                for request in group:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for request, accepted in zip(group, results, strict=True):
+                    if not request.future.done():
+                        request.future.set_result(accepted)
+                if self.on_commit is not None:
+                    self.on_commit()
+            finally:
+                self._queued_bytes -= sum(r.nbytes for r in group)
+
+    def _commit_group(self, group: list[_AppendRequest]) -> list[int]:
+        conn = self._writer.conn
+        now = time.time()
+        accepted: list[int] = []
+        touched: dict[tuple[str, str, str], list[int]] = {}
+        added_bytes = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for request in group:
+                state = touched.get(request.key) or self._key_state(request.key, now)
+                key_id, next_seq = state
+                rows = self._drop_known_uuids(key_id, request.rows)
+                conn.executemany(
+                    "INSERT INTO entries (key_id, seq, appended_at, nbytes, body)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (key_id, next_seq + i, now, len(body), body)
+                        for i, (_, body) in enumerate(rows)
+                    ],
+                )
+                conn.executemany(
+                    "INSERT INTO uuids (key_id, uuid) VALUES (?, ?)",
+                    [(key_id, uuid) for uuid, _ in rows if uuid is not None],
+                )
+                touched[request.key] = [key_id, next_seq + len(rows)]
+                added_bytes += sum(len(body) for _, body in rows)
+                accepted.append(len(rows))
+            conn.executemany(
+                "UPDATE keys SET next_seq = ?, updated_at = ? WHERE key_id = ?",
+                [(next_seq, now, key_id) for key_id, next_seq in touched.values()],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            # The cache may hold keys created in the rolled-back transaction.
+            self._key_cache.clear()
+            raise
+        self._key_cache.update(touched)
+        self.stored_bytes += added_bytes
+        return accepted
+
+    def _key_state(self, key: tuple[str, str, str], now: float) -> list[int]:
+        cached = self._key_cache.get(key)
+        if cached is not None:
+            return cached
+        conn = self._writer.conn
+        row = conn.execute(
+            "SELECT key_id, next_seq FROM keys"
+            " WHERE project_key = ? AND session_id = ? AND subpath = ?",
+            key,
+        ).fetchone()
+        if row is not None:
+            return [row[0], row[1]]
+        cur = conn.execute(
+            "INSERT INTO keys (project_key, session_id, subpath, updated_at) VALUES (?, ?, ?, ?)",
+            (*key, now),
+        )
+        key_id = int(cur.lastrowid or 0)
+        conn.executemany(
+            "INSERT INTO cursors (backend, key_id) VALUES (?, ?)",
+            [(backend, key_id) for backend in self._backends],
+        )
+        return [key_id, 0]
+
+    def _drop_known_uuids(
+        self, key_id: int, rows: list[tuple[str | None, bytes]]
+    ) -> list[tuple[str | None, bytes]]:
+        uuids = [uuid for uuid, _ in rows if uuid is not None]
+        if not uuids:
+            return rows
+        known: set[str] = set()
+        for start in range(0, len(uuids), 500):
+            chunk = uuids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            known.update(
+                r[0]
+                for r in self._writer.conn.execute(
+                    f"SELECT uuid FROM uuids WHERE key_id = ? AND uuid IN ({marks})",
+                    (key_id, *chunk),
+                )
+            )
+        kept: list[tuple[str | None, bytes]] = []
+        for uuid, body in rows:
+            if uuid is not None:
+                if uuid in known:
+                    continue
+                known.add(uuid)  # a uuid repeated inside one batch is kept once
+            kept.append((uuid, body))
+        return kept
+
+    # -- the flusher's view ------------------------------------------------
+
+    async def pending_keys(self, backend: str, limit: int) -> list[KeyRow]:
+        """Keys ``backend`` has not fully acknowledged, oldest first, parked ones left out."""
+
+        def query() -> list[KeyRow]:
+            rows = self._reader.conn.execute(
+                """SELECT k.key_id, k.project_key, k.session_id, k.subpath
+                   FROM cursors c JOIN keys k ON k.key_id = c.key_id
+                   WHERE c.backend = ? AND c.acked < k.next_seq
+                     AND NOT EXISTS (SELECT 1 FROM parked p
+                                     WHERE p.backend = c.backend AND p.key_id = c.key_id)
+                   ORDER BY (SELECT e.appended_at FROM entries e
+                             WHERE e.key_id = c.key_id AND e.seq = c.acked)
+                   LIMIT ?""",
+                (backend, limit),
+            ).fetchall()
+            return [KeyRow(*r) for r in rows]
+
+        return await self._reader.run(query)
+
+    async def oldest_pending_age(self, backend: str) -> float | None:
+        """Seconds since the oldest entry ``backend`` has not acknowledged was appended."""
+
+        def query() -> float | None:
+            row = self._reader.conn.execute(
+                """SELECT MIN(e.appended_at) FROM cursors c
+                   JOIN entries e ON e.key_id = c.key_id AND e.seq = c.acked
+                   WHERE c.backend = ?""",
+                (backend,),
+            ).fetchone()
+            return None if row[0] is None else max(0.0, time.time() - row[0])
+
+        return await self._reader.run(query)
+
+    async def depth(self, backend: str) -> tuple[int, float, int]:
+        """Cheap figures for the gauges: (pending entries, lag seconds, parked keys)."""
+
+        def query() -> tuple[int, float, int]:
+            conn = self._reader.conn
+            pending = conn.execute(
+                """SELECT COALESCE(SUM(k.next_seq - c.acked), 0) FROM cursors c
+                   JOIN keys k ON k.key_id = c.key_id
+                   WHERE c.backend = ? AND c.acked < k.next_seq""",
+                (backend,),
+            ).fetchone()[0]
+            oldest = conn.execute(
+                """SELECT MIN(e.appended_at) FROM cursors c
+                   JOIN entries e ON e.key_id = c.key_id AND e.seq = c.acked
+                   WHERE c.backend = ?""",
+                (backend,),
+            ).fetchone()[0]
+            parked = conn.execute(
+                "SELECT COUNT(*) FROM parked WHERE backend = ?", (backend,)
+            ).fetchone()[0]
+            lag = 0.0 if oldest is None else max(0.0, time.time() - oldest)
+            return int(pending), lag, int(parked)
+
+        return await self._reader.run(query)
+
+    async def cursor(self, backend: str, key_id: int) -> Cursor | None:
+        def query() -> Cursor | None:
+            row = self._reader.conn.execute(
+                "SELECT base, acked FROM cursors WHERE backend = ? AND key_id = ?",
+                (backend, key_id),
+            ).fetchone()
+            return None if row is None else Cursor(row[0], row[1])
+
+        return await self._reader.run(query)
+
+    async def read_batch(
+        self, key_id: int, from_seq: int, max_entries: int, max_bytes: int
+    ) -> list[bytes]:
+        """Entries of ``key_id`` from ``from_seq`` on, bounded by count and bytes (at least one)."""
+
+        def query() -> list[bytes]:
+            bodies: list[bytes] = []
+            total = 0
+            for (body,) in self._reader.conn.execute(
+                "SELECT body FROM entries WHERE key_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+                (key_id, from_seq, max_entries),
+            ):
+                if bodies and total + len(body) > max_bytes:
+                    break
+                bodies.append(body)
+                total += len(body)
+            return bodies
+
+        return await self._reader.run(query)
+
+    async def set_base(self, backend: str, key_id: int, base: int) -> None:
+        await self._write(
+            "UPDATE cursors SET base = ? WHERE backend = ? AND key_id = ?", (base, backend, key_id)
+        )
+
+    async def ack(self, backend: str, key_id: int, acked: int) -> None:
+        await self._write(
+            "UPDATE cursors SET acked = ? WHERE backend = ? AND key_id = ? AND acked < ?",
+            (acked, backend, key_id, acked),
+        )
+
+    async def park(self, backend: str, key_id: int, error: str) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO parked (backend, key_id, error, parked_at) VALUES (?, ?, ?, ?)",
+            (backend, key_id, error, time.time()),
+        )
+
+    async def requeue(self, backend: str | None = None, key: SessionKey | None = None) -> int:
+        """Un-park keys (all, one backend's, or one key's); return how many were un-parked.
+
+        A key parked for an offset conflict or gap also forgets its base, so
+        the flusher learns the backend's current length again and continues
+        after whatever the other writer stored.
+        """
+
+        def run() -> int:
+            conn = self._writer.conn
+            where, args = ["1"], []
+            if backend is not None:
+                where.append("p.backend = ?")
+                args.append(backend)
+            if key is not None:
+                where.append(
+                    "p.key_id = (SELECT key_id FROM keys"
+                    " WHERE project_key = ? AND session_id = ? AND subpath = ?)"
+                )
+                args.extend(split_key(key))
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                clause = " AND ".join(where)
+                rows = conn.execute(
+                    f"SELECT p.backend, p.key_id, p.error FROM parked p WHERE {clause}",
+                    args,
+                ).fetchall()
+                for b, key_id, error in rows:
+                    if error.startswith(("OffsetConflictError", "OffsetGapError")):
+                        # base := unknown; acked entries already in the backend keep their
+                        # place because the new base is learned as length - acked.
+                        conn.execute(
+                            "UPDATE cursors SET base = NULL WHERE backend = ? AND key_id = ?",
+                            (b, key_id),
+                        )
+                    conn.execute("DELETE FROM parked WHERE backend = ? AND key_id = ?", (b, key_id))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return len(rows)
+
+        return await self._writer.run(run)
+
+    async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        def run() -> None:
+            self._writer.conn.execute(sql, args)  # autocommit: one statement, one transaction
+
+        await self._writer.run(run)
+
+    # -- delete --------------------------------------------------------------
+
+    async def delete(self, key: SessionKey) -> None:
+        """Drop ``key``'s queued entries (a main key: the whole session) and leave a
+        tombstone per backend, in one transaction. The flusher applies the tombstones
+        before it delivers anything else, so nothing queued can resurrect the key."""
+        project_key, session_id, subpath = split_key(key)
+
+        def run() -> None:
+            conn = self._writer.conn
+            if subpath:
+                selector = "project_key = ? AND session_id = ? AND subpath = ?"
+                args: tuple[str, ...] = (project_key, session_id, subpath)
+            else:
+                selector = "project_key = ? AND session_id = ?"
+                args = (project_key, session_id)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                found = conn.execute(f"SELECT key_id FROM keys WHERE {selector}", args)
+                ids = [r[0] for r in found]
+                freed = 0
+                for key_id in ids:
+                    row = conn.execute(
+                        "SELECT COALESCE(SUM(nbytes), 0) FROM entries WHERE key_id = ?", (key_id,)
+                    ).fetchone()
+                    freed += int(row[0])
+                    for table in ("entries", "uuids", "cursors", "parked", "keys"):
+                        conn.execute(f"DELETE FROM {table} WHERE key_id = ?", (key_id,))
+                now = time.time()
+                conn.executemany(
+                    "INSERT INTO tombstones (backend, project_key, session_id, subpath, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(b, project_key, session_id, subpath, now) for b in self._backends],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._key_cache.clear()
+            self.stored_bytes -= freed
+
+        await self._writer.run(run)
+
+    async def tombstones(self, backend: str) -> list[Tombstone]:
+        def query() -> list[Tombstone]:
+            rows = self._reader.conn.execute(
+                "SELECT id, project_key, session_id, subpath FROM tombstones"
+                " WHERE backend = ? ORDER BY id",
+                (backend,),
+            ).fetchall()
+            out = []
+            for tid, project_key, session_id, subpath in rows:
+                key: SessionKey = {"project_key": project_key, "session_id": session_id}
+                if subpath:
+                    key["subpath"] = subpath
+                out.append(Tombstone(tid, key))
+            return out
+
+        return await self._reader.run(query)
+
+    async def drop_tombstone(self, tombstone_id: int) -> None:
+        await self._write("DELETE FROM tombstones WHERE id = ?", (tombstone_id,))
+
+    async def is_tombstoned(self, backend: str, key: SessionKey) -> bool:
+        """True while a delete covering ``key`` waits to reach ``backend``."""
+        project_key, session_id, subpath = split_key(key)
+
+        def query() -> bool:
+            row = self._reader.conn.execute(
+                "SELECT 1 FROM tombstones WHERE backend = ? AND project_key = ?"
+                " AND session_id = ? AND (subpath = '' OR subpath = ?) LIMIT 1",
+                (backend, project_key, session_id, subpath),
+            ).fetchone()
+            return row is not None
+
+        return await self._reader.run(query)
+
+    async def tombstoned_sessions(self, backend: str, project_key: str) -> set[str]:
+        """Sessions of ``project_key`` whose whole-session delete waits to reach ``backend``."""
+
+        def query() -> set[str]:
+            return {
+                r[0]
+                for r in self._reader.conn.execute(
+                    "SELECT session_id FROM tombstones"
+                    " WHERE backend = ? AND project_key = ? AND subpath = ''",
+                    (backend, project_key),
+                )
+            }
+
+        return await self._reader.run(query)
+
+    async def tombstoned_subpaths(
+        self, backend: str, project_key: str, session_id: str
+    ) -> set[str]:
+        def query() -> set[str]:
+            return {
+                r[0]
+                for r in self._reader.conn.execute(
+                    "SELECT subpath FROM tombstones"
+                    " WHERE backend = ? AND project_key = ? AND session_id = ?",
+                    (backend, project_key, session_id),
+                )
+            }
+
+        return await self._reader.run(query)
+
+    # -- reads for the wrapper -------------------------------------------------
+
+    async def local_view(self, key: SessionKey, backend: str) -> LocalView | None:
+        def query() -> LocalView | None:
+            conn = self._reader.conn
+            row = conn.execute(
+                """SELECT k.key_id, k.next_seq, k.updated_at, c.base, COALESCE(c.acked, 0),
+                          (SELECT MIN(seq) FROM entries e WHERE e.key_id = k.key_id)
+                   FROM keys k LEFT JOIN cursors c ON c.key_id = k.key_id AND c.backend = ?
+                   WHERE k.project_key = ? AND k.session_id = ? AND k.subpath = ?""",
+                (backend, *split_key(key)),
+            ).fetchone()
+            if row is None:
+                return None
+            key_id, next_seq, updated_at, base, acked, lowest = row
+            return LocalView(key_id, next_seq, lowest, Cursor(base, acked), updated_at)
+
+        return await self._reader.run(query)
+
+    async def read_from(self, key_id: int, from_seq: int) -> list[bytes]:
+        def query() -> list[bytes]:
+            return [
+                r[0]
+                for r in self._reader.conn.execute(
+                    "SELECT body FROM entries WHERE key_id = ? AND seq >= ? ORDER BY seq",
+                    (key_id, from_seq),
+                )
+            ]
+
+        return await self._reader.run(query)
+
+    async def local_sessions(self, project_key: str) -> list[tuple[str, float]]:
+        """Main keys of ``project_key`` holding entries: (session_id, updated_at)."""
+
+        def query() -> list[tuple[str, float]]:
+            return [
+                (r[0], r[1])
+                for r in self._reader.conn.execute(
+                    "SELECT session_id, updated_at FROM keys"
+                    " WHERE project_key = ? AND subpath = '' AND next_seq > 0",
+                    (project_key,),
+                )
+            ]
+
+        return await self._reader.run(query)
+
+    async def local_subkeys(self, project_key: str, session_id: str) -> list[str]:
+        def query() -> list[str]:
+            return [
+                r[0]
+                for r in self._reader.conn.execute(
+                    "SELECT subpath FROM keys WHERE project_key = ? AND session_id = ?"
+                    " AND subpath != '' AND next_seq > 0",
+                    (project_key, session_id),
+                )
+            ]
+
+        return await self._reader.run(query)
+
+    # -- barrier, compaction, status ----------------------------------------------
+
+    async def unacked_targets(self, backend: str) -> dict[int, int]:
+        """key_id -> next_seq for every key ``backend`` has not fully acknowledged."""
+
+        def query() -> dict[int, int]:
+            return {
+                r[0]: r[1]
+                for r in self._reader.conn.execute(
+                    "SELECT k.key_id, k.next_seq FROM cursors c JOIN keys k ON k.key_id = c.key_id"
+                    " WHERE c.backend = ? AND c.acked < k.next_seq",
+                    (backend,),
+                )
+            }
+
+        return await self._reader.run(query)
+
+    async def unmet(
+        self, backend: str, targets: dict[int, int]
+    ) -> tuple[dict[int, int], list[int]]:
+        """The part of ``targets`` ``backend`` has not reached yet, and which of those are parked.
+
+        A key deleted since counts as reached: there is nothing left to deliver.
+        """
+
+        def query() -> tuple[dict[int, int], list[int]]:
+            conn = self._reader.conn
+            short: dict[int, int] = {}
+            parked: list[int] = []
+            for key_id, target in targets.items():
+                row = conn.execute(
+                    "SELECT c.acked, p.key_id IS NOT NULL FROM cursors c"
+                    " LEFT JOIN parked p ON p.backend = c.backend AND p.key_id = c.key_id"
+                    " WHERE c.backend = ? AND c.key_id = ?",
+                    (backend, key_id),
+                ).fetchone()
+                if row is not None and row[0] < target:
+                    short[key_id] = target
+                    if row[1]:
+                        parked.append(key_id)
+            return short, parked
+
+        return await self._reader.run(query)
+
+    async def compact(self, retention_seconds: float) -> int:
+        """Delete entries every configured backend acknowledged more than
+        ``retention_seconds`` ago (by append time); return how many."""
+        backends = self._backends
+
+        def run() -> int:
+            conn = self._writer.conn
+            marks = ",".join("?" * len(backends))
+            cutoff = time.time() - retention_seconds
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                freed = conn.execute(
+                    f"""SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM entries
+                        WHERE appended_at <= ? AND seq < (
+                          SELECT MIN(c.acked) FROM cursors c
+                          WHERE c.key_id = entries.key_id AND c.backend IN ({marks}))""",
+                    (cutoff, *backends),
+                ).fetchone()
+                conn.execute(
+                    f"""DELETE FROM entries
+                        WHERE appended_at <= ? AND seq < (
+                          SELECT MIN(c.acked) FROM cursors c
+                          WHERE c.key_id = entries.key_id AND c.backend IN ({marks}))""",
+                    (cutoff, *backends),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self.stored_bytes -= int(freed[0])
+            return int(freed[1])
+
+        return await self._writer.run(run)
+
+    async def stats(self, backend: str) -> BackendStats:
+        def query() -> BackendStats:
+            conn = self._reader.conn
+            stats = BackendStats()
+            row = conn.execute(
+                """SELECT COALESCE(SUM(k.next_seq - c.acked), 0), COUNT(*)
+                   FROM cursors c JOIN keys k ON k.key_id = c.key_id
+                   WHERE c.backend = ? AND c.acked < k.next_seq""",
+                (backend,),
+            ).fetchone()
+            stats.pending_entries, stats.pending_keys = int(row[0]), int(row[1])
+            row = conn.execute(
+                """SELECT COALESCE(SUM(e.nbytes), 0), MIN(e.appended_at)
+                   FROM cursors c JOIN entries e ON e.key_id = c.key_id AND e.seq >= c.acked
+                   WHERE c.backend = ?""",
+                (backend,),
+            ).fetchone()
+            stats.pending_bytes = int(row[0])
+            stats.lag_seconds = 0.0 if row[1] is None else max(0.0, time.time() - row[1])
+            stats.parked = [
+                {
+                    "key": KeyRow(*r[:4]).session_key(),
+                    "error": r[4],
+                    "parked_at": r[5],
+                }
+                for r in conn.execute(
+                    """SELECT k.key_id, k.project_key, k.session_id, k.subpath, p.error,
+                              p.parked_at
+                       FROM parked p JOIN keys k ON k.key_id = p.key_id
+                       WHERE p.backend = ? ORDER BY p.parked_at""",
+                    (backend,),
+                )
+            ]
+            stats.pending_deletes = int(
+                conn.execute(
+                    "SELECT COUNT(*) FROM tombstones WHERE backend = ?", (backend,)
+                ).fetchone()[0]
+            )
+            return stats
+
+        return await self._reader.run(query)
+
+    async def all_keys(self) -> list[tuple[KeyRow, int]]:
+        """Every key with its next_seq (for ``verify``)."""
+
+        def query() -> list[tuple[KeyRow, int]]:
+            return [
+                (KeyRow(*r[:4]), r[4])
+                for r in self._reader.conn.execute(
+                    "SELECT key_id, project_key, session_id, subpath, next_seq FROM keys"
+                    " ORDER BY key_id"
+                )
+            ]
+
+        return await self._reader.run(query)

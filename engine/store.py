@@ -1,0 +1,475 @@
+"""``DurableSessionStore``: the SessionStore the agent talks to.
+
+``append`` commits entries to the local write-ahead queue and returns; the
+flushers (one per backend) deliver them. Reads merge what the first backend
+holds with what is still queued, so a caller always reads its own writes.
+``delete`` drops queued entries and leaves a tombstone that reaches each
+backend before anything appended later. See ``docs/architecture.md`` for how
+each point of the contract maps to code and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from claude_agent_sdk import fold_session_summary
+from claude_agent_sdk.types import (
+    SessionKey,
+    SessionListSubkeysKey,
+    SessionStore,
+    SessionStoreEntry,
+    SessionStoreListEntry,
+    SessionSummaryEntry,
+)
+
+from . import telemetry
+from .backend import implements, is_offset_aware
+from .config import Tuning
+from .errors import (
+    BackendUnavailableError,
+    FlushBlockedError,
+    FlushTimeoutError,
+    InvalidEntryError,
+    QueueClosedError,
+    QueueFullError,
+)
+from .flusher import Flusher, SessionLocks, describe_error
+from .keys import describe_key, validate_key, validate_project_key
+from .queue import LocalView, WriteAheadQueue
+
+logger = logging.getLogger("walmirror")
+
+
+@dataclass
+class CloseReport:
+    """What ``close()`` could not deliver. ``drained`` is True when nothing remains."""
+
+    drained: bool
+    pending_entries: dict[str, int] = field(default_factory=dict)
+    parked_keys: dict[str, int] = field(default_factory=dict)
+
+
+def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | None, bytes]]:
+    """Validate and encode a batch: (uuid, JSON bytes) per entry, or raise before storing any."""
+    if not isinstance(entries, list | tuple):
+        raise InvalidEntryError(f"entries must be a list, got {type(entries).__name__}")
+    rows: list[tuple[str | None, bytes]] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise InvalidEntryError(
+                f"entry {index} of the batch must be a JSON object (dict), "
+                f"got {type(entry).__name__}"
+            )
+        try:
+            body = json.dumps(
+                entry, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidEntryError(
+                f"entry {index} of the batch is not JSON-serialisable ({exc}); "
+                "nothing of the batch was stored"
+            ) from None
+        if len(body) > max_entry_bytes:
+            raise InvalidEntryError(
+                f"entry {index} of the batch is {len(body)} bytes, over the limit of "
+                f"{max_entry_bytes} (max_entry_bytes); nothing of the batch was stored"
+            )
+        uuid = entry.get("uuid")
+        rows.append((uuid if isinstance(uuid, str) and uuid else None, body))
+    return rows
+
+
+class DurableSessionStore(SessionStore):
+    """A ``SessionStore`` that never loses or duplicates an acknowledged entry.
+
+    ``backends``: one ``SessionStore`` or a list of them (fan-out, one cursor
+    each; the first answers reads). ``wal_path``: the local queue file, one
+    per process. ``tuning``: the fields of :class:`walmirror.config.Tuning`.
+
+    The flushers start on first use (so the store can go straight into
+    ``ClaudeAgentOptions(session_store=...)``) or on ``async with``.
+    """
+
+    def __init__(
+        self,
+        backends: SessionStore | Sequence[SessionStore],
+        wal_path: str | os.PathLike[str],
+        **tuning: Any,
+    ) -> None:
+        self.tuning = Tuning(**tuning)
+        self.backends: list[SessionStore] = (
+            list(backends) if isinstance(backends, list | tuple) else [backends]  # type: ignore[list-item]
+        )
+        if not self.backends:
+            raise ValueError("DurableSessionStore needs at least one backend")
+        for backend in self.backends:
+            if not (
+                callable(getattr(backend, "append", None))
+                and callable(getattr(backend, "load", None))
+            ):
+                raise TypeError(
+                    f"{type(backend).__name__} is not a SessionStore (needs append and load)"
+                )
+        names = self.tuning.backend_names or tuple(
+            f"{i}:{type(b).__name__}" for i, b in enumerate(self.backends)
+        )
+        if len(names) != len(self.backends) or len(set(names)) != len(names):
+            raise ValueError("backend_names must name every backend once")
+        self.backend_names: tuple[str, ...] = tuple(names)
+        self.queue = WriteAheadQueue(
+            wal_path,
+            synchronous=self.tuning.synchronous,
+            max_bytes=self.tuning.max_queue_bytes,
+        )
+        self.flushers: list[Flusher] = []
+        self._locks = SessionLocks()
+        self._progress = asyncio.Event()
+        self._start_lock: asyncio.Lock | None = None
+        self._started = False
+        self._closed = False
+        self._gauges: telemetry.GaugeSource | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the queue and start the flushers; what a previous process left drains now."""
+        if self._closed:
+            raise QueueClosedError("this DurableSessionStore was closed")
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            await self.queue.open(self.backend_names)
+            self.flushers = [
+                Flusher(name, backend, self.queue, self.tuning, self._locks, self._progress.set)
+                for name, backend in zip(self.backend_names, self.backends, strict=True)
+            ]
+            self.queue.on_commit = self._wake_flushers
+            for flusher in self.flushers:
+                flusher.start()
+            flushers = self.flushers
+            self._gauges = telemetry.GaugeSource(lambda: {f.name: f.gauges for f in flushers})
+            self._started = True
+
+    async def _ensure_started(self) -> None:
+        if self._closed:
+            raise QueueClosedError("this DurableSessionStore was closed")
+        if not self._started:
+            await self.start()
+
+    def _wake_flushers(self) -> None:
+        for flusher in self.flushers:
+            flusher.wake()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Barrier: return once every backend acknowledged everything appended (and
+        every delete made) before this call. Raises ``FlushTimeoutError`` when
+        ``timeout`` passes first, ``FlushBlockedError`` when parked keys stand in the way.
+        """
+        await self._ensure_started()
+        await self._flush(timeout)
+
+    async def _flush(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        targets = {f.name: await self.queue.unacked_targets(f.name) for f in self.flushers}
+        tombstone_marks = {
+            f.name: max((t.id for t in await self.queue.tombstones(f.name)), default=0)
+            for f in self.flushers
+        }
+        self._wake_flushers()
+        while True:
+            short_total, parked, deletes = 0, 0, 0
+            for flusher in self.flushers:
+                short, parked_ids = await self.queue.unmet(flusher.name, targets[flusher.name])
+                targets[flusher.name] = short
+                short_total += len(short)
+                parked += len(parked_ids)
+                mark = tombstone_marks[flusher.name]
+                deletes += sum(1 for t in await self.queue.tombstones(flusher.name) if t.id <= mark)
+            if short_total == 0 and deletes == 0:
+                return
+            if short_total and short_total == parked and deletes == 0:
+                raise FlushBlockedError(
+                    f"{parked} key(s) are parked after a permanent backend error; "
+                    "see status() and requeue()"
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise FlushTimeoutError(
+                    f"flush timed out with {short_total} key(s) and {deletes} delete(s) "
+                    "not yet acknowledged"
+                )
+            self._progress.clear()
+            wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+            try:
+                await asyncio.wait_for(self._progress.wait(), wait)
+            except TimeoutError:
+                pass
+
+    async def close(self, timeout: float | None = 30.0) -> CloseReport:
+        """Stop accepting appends, drain for up to ``timeout`` seconds, stop, and
+        report what remains queued (it drains on the next start)."""
+        if self._closed:
+            return CloseReport(drained=True)
+        if not self._started:
+            self._closed = True
+            return CloseReport(drained=True)
+        self._closed = True
+        try:
+            await self._flush(timeout)
+        except (FlushTimeoutError, FlushBlockedError) as exc:
+            logger.warning("close: %s", exc)
+        for flusher in self.flushers:
+            await flusher.stop()
+        report = CloseReport(drained=True)
+        for flusher in self.flushers:
+            stats = await self.queue.stats(flusher.name)
+            report.pending_entries[flusher.name] = stats.pending_entries
+            report.parked_keys[flusher.name] = len(stats.parked)
+            if stats.pending_entries or stats.pending_deletes:
+                report.drained = False
+        await self.queue.close()
+        return report
+
+    # -- SessionStore: writes ----------------------------------------------------------
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        """Commit ``entries`` to the local queue (on disk when this returns).
+
+        Entries whose ``uuid`` the key already holds are skipped. Never waits on
+        a backend; may wait (``full_policy="wait"``) when the queue is at its cap.
+        """
+        key = validate_key(key)
+        rows = serialize_entries(entries, self.tuning.max_entry_bytes)
+        if not rows:
+            return
+        await self._ensure_started()
+        started = time.perf_counter()
+        with telemetry.tracer.start_as_current_span(
+            "walmirror.append", attributes={"walmirror.batch.entries": len(rows)}
+        ):
+            await self._make_room(sum(len(body) for _, body in rows))
+            accepted = await self.queue.append(key, rows)
+        telemetry.append_duration.record(time.perf_counter() - started)
+        telemetry.entries_appended.add(accepted)
+
+    async def _make_room(self, nbytes: int) -> None:
+        if not self.queue.would_overflow(nbytes):
+            return
+        deadline = time.monotonic() + self.tuning.full_timeout
+        while True:
+            await self.queue.compact(0.0)  # acknowledged entries go now, retention or not
+            if not self.queue.would_overflow(nbytes):
+                return
+            if self.tuning.full_policy == "raise" or time.monotonic() >= deadline:
+                raise QueueFullError(
+                    f"queue {self.queue.path} is full ({self.queue.stored_bytes} of "
+                    f"{self.tuning.max_queue_bytes} bytes held, backends behind); "
+                    "the batch was not stored"
+                )
+            await asyncio.sleep(0.05)
+
+    async def delete(self, key: SessionKey) -> None:
+        """Delete a key everywhere. Queued entries go at once; each backend gets the
+        delete before anything appended later (a main key takes its subkeys with it)."""
+        key = validate_key(key)
+        await self._ensure_started()
+        async with self._locks(key):
+            await self.queue.delete(key)
+        self._wake_flushers()
+
+    async def requeue(self, key: SessionKey | None = None, backend: str | None = None) -> int:
+        """Un-park keys (all, or one key / one backend's); return how many."""
+        await self._ensure_started()
+        count = await self.queue.requeue(backend, None if key is None else validate_key(key))
+        self._wake_flushers()
+        return count
+
+    # -- SessionStore: reads -----------------------------------------------------------
+
+    @property
+    def _reader(self) -> tuple[str, SessionStore]:
+        return self.backend_names[0], self.backends[0]
+
+    async def _read_backend(self, op: str, call: Any) -> Any:
+        name, _ = self._reader
+        try:
+            async with asyncio.timeout(self.tuning.call_timeout):
+                return await call
+        except Exception as exc:
+            raise BackendUnavailableError(
+                f"{op}: backend {name} failed ({describe_error(exc)})"
+            ) from exc
+
+    async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
+        """The key's transcript: the first backend's entries, then those still queued."""
+        key = validate_key(key)
+        await self._ensure_started()
+        name, backend = self._reader
+        async with self._locks(key):
+            view = await self.queue.local_view(key, name)
+            if await self.queue.is_tombstoned(name, key):
+                remote: list[SessionStoreEntry] | None = None  # its backend copy is deleted
+            else:
+                try:
+                    remote = await self._read_backend("load", backend.load(key))
+                except BackendUnavailableError:
+                    if view is not None and view.cursor.base == 0 and view.lowest_held_seq == 0:
+                        return await self._local_entries(view.key_id, 0)  # complete history
+                    raise BackendUnavailableError(
+                        f"cannot load {describe_key(key)}: backend {name} is unreachable and "
+                        "the local queue does not hold the key's complete history"
+                    ) from None
+            if view is None or view.next_seq == 0:
+                return remote
+            local = await self._local_entries(view.key_id, self._first_unstored(view, remote))
+        if remote is None and not local:
+            return None
+        return (remote or []) + local
+
+    def _first_unstored(self, view: LocalView, remote: list[SessionStoreEntry] | None) -> int:
+        """The local seq of the first entry the reading backend does not hold yet."""
+        base, acked = view.cursor.base, view.cursor.acked
+        if base is None:
+            return acked
+        if is_offset_aware(self._reader[1]):
+            # More reliable than acked: a crash between delivery and ack leaves
+            # the backend ahead of the cursor.
+            return max(acked, min(view.next_seq, len(remote or []) - base))
+        return acked
+
+    async def _local_entries(self, key_id: int, from_seq: int) -> list[SessionStoreEntry]:
+        return [json.loads(body) for body in await self.queue.read_from(key_id, from_seq)]
+
+    async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
+        validate_project_key(project_key)
+        await self._ensure_started()
+        name, backend = self._reader
+        if not implements(backend, "list_sessions"):
+            raise NotImplementedError(f"backend {name} does not implement list_sessions")
+        remote = await self._read_backend("list_sessions", backend.list_sessions(project_key))
+        dead = await self.queue.tombstoned_sessions(name, project_key)
+        mtimes = {e["session_id"]: e["mtime"] for e in remote if e["session_id"] not in dead}
+        for session_id, updated_at in await self.queue.local_sessions(project_key):
+            mtimes[session_id] = max(mtimes.get(session_id, 0), int(updated_at * 1000))
+        return [{"session_id": sid, "mtime": mtime} for sid, mtime in mtimes.items()]
+
+    async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
+        """The backend's summaries with queued entries folded in (``fold_session_summary``)."""
+        validate_project_key(project_key)
+        await self._ensure_started()
+        name, backend = self._reader
+        if implements(backend, "list_session_summaries"):
+            remote = await self._read_backend(
+                "list_session_summaries", backend.list_session_summaries(project_key)
+            )
+        elif implements(backend, "list_sessions"):
+            remote = await self._fold_from_backend(project_key)
+        else:
+            raise NotImplementedError(f"backend {name} does not implement list_sessions")
+        dead = await self.queue.tombstoned_sessions(name, project_key)
+        summaries = {s["session_id"]: s for s in remote if s["session_id"] not in dead}
+        for session_id, updated_at in await self.queue.local_sessions(project_key):
+            key: SessionKey = {"project_key": project_key, "session_id": session_id}
+            async with self._locks(key):
+                view = await self.queue.local_view(key, name)
+                if view is None:
+                    continue
+                summary = summaries.get(session_id)
+                start = view.cursor.acked
+                while True:  # fold queued entries in bounded chunks: memory stays flat
+                    bodies = await self.queue.read_batch(view.key_id, start, 1000, 8 << 20)
+                    if not bodies:
+                        break
+                    summary = fold_session_summary(summary, key, [json.loads(b) for b in bodies])
+                    start += len(bodies)
+                if summary is None:
+                    continue
+                summary = {**summary}
+                summary["mtime"] = max(summary["mtime"], int(updated_at * 1000))
+                summaries[session_id] = summary
+        return list(summaries.values())
+
+    async def _fold_from_backend(self, project_key: str) -> list[SessionSummaryEntry]:
+        """Summaries for a backend without them: load and fold each session (slow, correct)."""
+        _, backend = self._reader
+        out: list[SessionSummaryEntry] = []
+        listed = await self._read_backend("list_sessions", backend.list_sessions(project_key))
+        for item in listed:
+            key: SessionKey = {"project_key": project_key, "session_id": item["session_id"]}
+            entries = await self._read_backend("load", backend.load(key)) or []
+            summary = fold_session_summary(None, key, entries)
+            summary["mtime"] = item["mtime"]
+            out.append(summary)
+        return out
+
+    async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
+        checked = validate_key(dict(key))
+        await self._ensure_started()
+        name, backend = self._reader
+        if not implements(backend, "list_subkeys"):
+            raise NotImplementedError(f"backend {name} does not implement list_subkeys")
+        project_key, session_id = checked["project_key"], checked["session_id"]
+        remote = await self._read_backend(
+            "list_subkeys",
+            backend.list_subkeys({"project_key": project_key, "session_id": session_id}),
+        )
+        dead = await self.queue.tombstoned_subpaths(name, project_key, session_id)
+        subkeys = set() if "" in dead else {s for s in remote if s not in dead}
+        subkeys.update(await self.queue.local_subkeys(project_key, session_id))
+        return sorted(subkeys)
+
+    # -- operations ---------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """Per backend: pending entries and bytes, lag, parked keys, breaker, last error."""
+        await self._ensure_started()
+        backends = []
+        for flusher in self.flushers:
+            stats = await self.queue.stats(flusher.name)
+            backends.append(
+                {
+                    "name": flusher.name,
+                    "offset_aware": flusher.offset_aware,
+                    "pending_entries": stats.pending_entries,
+                    "pending_bytes": stats.pending_bytes,
+                    "pending_keys": stats.pending_keys,
+                    "pending_deletes": stats.pending_deletes,
+                    "lag_seconds": round(stats.lag_seconds, 3),
+                    "parked": stats.parked,
+                    "breaker": flusher.breaker,
+                    "consecutive_failures": flusher.consecutive_failures,
+                    "last_error": flusher.last_error,
+                    "delivered": flusher.delivered_total,
+                    "retries": flusher.retries_total,
+                }
+            )
+        return {
+            "queue": {
+                "path": str(self.queue.path),
+                "stored_bytes": self.queue.stored_bytes,
+                "max_bytes": self.tuning.max_queue_bytes,
+                "synchronous": self.tuning.synchronous,
+            },
+            "backends": backends,
+        }

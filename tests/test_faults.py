@@ -1,0 +1,240 @@
+"""Tests for walmirror.faults.FaultyStore."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from claude_agent_sdk import InMemorySessionStore
+from claude_agent_sdk.testing.session_store_conformance import run_session_store_conformance
+from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
+from walmirror.backend import implements, is_offset_aware
+from walmirror.errors import PermanentBackendError
+from walmirror.faults import FaultyStore
+
+KEY: SessionKey = {"project_key": "proj", "session_id": "s1"}
+OTHER: SessionKey = {"project_key": "proj", "session_id": "s2"}
+
+
+def entry(n: int) -> SessionStoreEntry:
+    return {"type": "user", "uuid": f"u{n}", "n": n}
+
+
+class MinimalStore:
+    """Only the two required methods, not subclassing SessionStore."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, list[SessionStoreEntry]] = {}
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        self.data.setdefault(key["session_id"], []).extend(entries)
+
+    async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
+        return self.data.get(key["session_id"])
+
+
+class OffsetMemoryStore(InMemorySessionStore):
+    """InMemorySessionStore plus a naive append_at/length."""
+
+    async def append_at(
+        self, key: SessionKey, offset: int, entries: list[SessionStoreEntry]
+    ) -> int:
+        have = await self.length(key)
+        assert offset <= have
+        await self.append(key, entries[have - offset :])
+        return await self.length(key)
+
+    async def length(self, key: SessionKey) -> int:
+        return len(await self.load(key) or [])
+
+
+async def test_down_raises_and_heals_after_duration() -> None:
+    store = FaultyStore(InMemorySessionStore())
+    store.down(0.1)
+    with pytest.raises(ConnectionError, match="backend down"):
+        await store.append(KEY, [entry(1)])
+    with pytest.raises(ConnectionError, match="backend down"):
+        await store.load(KEY)
+    await asyncio.sleep(0.15)
+    await store.append(KEY, [entry(1)])
+    assert await store.load(KEY) == [entry(1)]
+    assert store.injected["down"] == 2
+
+
+async def test_down_without_duration_until_up() -> None:
+    store = FaultyStore(InMemorySessionStore())
+    store.down()
+    assert store.is_down
+    with pytest.raises(ConnectionError):
+        await store.append(KEY, [entry(1)])
+    store.up()
+    await store.append(KEY, [entry(1)])
+
+
+async def test_scheduled_outage_window() -> None:
+    store = FaultyStore(InMemorySessionStore())
+    store.schedule_outage(after=0.2, duration=0.6)
+    await store.append(KEY, [entry(1)])  # before the window
+    await asyncio.sleep(0.3)
+    with pytest.raises(ConnectionError, match="backend down"):
+        await store.append(KEY, [entry(2)])  # inside
+    await asyncio.sleep(0.6)
+    await store.append(KEY, [entry(3)])  # after
+    assert await store.load(KEY) == [entry(1), entry(3)]
+
+
+async def test_outage_relative_to_clock_start() -> None:
+    store = FaultyStore(InMemorySessionStore())
+    store.restart_clock()
+    store.outage(start=0.0, duration=60.0)
+    assert store.is_down
+    store.up()
+    assert not store.is_down
+
+
+async def test_error_rate_zero_never_fails_and_one_always_fails() -> None:
+    ok = FaultyStore(InMemorySessionStore(), error_rate=0.0)
+    for i in range(50):
+        await ok.append(KEY, [entry(i)])
+    assert ok.injected["error"] == 0
+
+    inner = InMemorySessionStore()
+    bad = FaultyStore(inner, error_rate=1.0)
+    for i in range(20):
+        with pytest.raises(ConnectionError, match="backend error"):
+            await bad.append(KEY, [entry(i)])
+    assert await inner.load(KEY) is None  # nothing landed
+    assert bad.injected["error"] == 20
+    assert bad.calls["append"] == 20
+
+
+async def _failure_pattern(seed: int) -> list[bool]:
+    store = FaultyStore(InMemorySessionStore(), seed=seed, error_rate=0.5)
+    pattern = []
+    for i in range(60):
+        try:
+            await store.append(KEY, [entry(i)])
+            pattern.append(False)
+        except ConnectionError:
+            pattern.append(True)
+    return pattern
+
+
+async def test_seeded_error_rate_is_reproducible() -> None:
+    first = await _failure_pattern(7)
+    assert first == await _failure_pattern(7)
+    assert any(first) and not all(first)
+
+
+async def test_lost_reply_write_lands_and_call_raises() -> None:
+    inner = InMemorySessionStore()
+    store = FaultyStore(inner, lost_reply_rate=1.0)
+    with pytest.raises(ConnectionError, match="reply lost"):
+        await store.append(KEY, [entry(1)])
+    assert await inner.load(KEY) == [entry(1)]
+    assert await store.load(KEY) == [entry(1)]  # reads are not affected
+    assert store.injected["lost_reply"] == 1
+
+
+async def test_hang_times_out_and_nothing_lands() -> None:
+    inner = InMemorySessionStore()
+    store = FaultyStore(inner)
+    store.hang_next(1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.append(KEY, [entry(1)]), 0.05)
+    assert await inner.load(KEY) is None
+    await store.append(KEY, [entry(2)])  # only the next call hung
+    assert store.injected["hang"] == 1
+
+
+async def test_hang_rate_one_hangs() -> None:
+    store = FaultyStore(InMemorySessionStore(), hang_rate=1.0)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.load(KEY), 0.05)
+
+
+async def test_hang_after_write_lands_then_times_out() -> None:
+    inner = InMemorySessionStore()
+    store = FaultyStore(inner, hang_rate=1.0, hang_after_write=True)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.append(KEY, [entry(1)]), 0.05)
+    assert await inner.load(KEY) == [entry(1)]
+    assert store.injected["hang_after_write"] == 1
+
+
+async def test_latency_is_added() -> None:
+    store = FaultyStore(InMemorySessionStore(), latency=0.05)
+    start = time.monotonic()
+    await store.append(KEY, [entry(1)])
+    assert time.monotonic() - start >= 0.04
+
+
+async def test_reject_hits_only_matching_keys() -> None:
+    store = FaultyStore(InMemorySessionStore())
+    store.reject(lambda key: key["session_id"] == "s1")
+    with pytest.raises(PermanentBackendError, match="rejected"):
+        await store.append(KEY, [entry(1)])
+    await store.append(OTHER, [entry(2)])
+    assert await store.load(OTHER) == [entry(2)]
+    assert await store.load(KEY) is None  # reads of the key still work by default
+    assert store.injected["reject"] == 1
+    store.accept_all()
+    await store.append(KEY, [entry(1)])
+
+
+async def test_writes_only_scope_leaves_reads_alone() -> None:
+    store = FaultyStore(InMemorySessionStore(), writes_only=True)
+    store.down()
+    with pytest.raises(ConnectionError):
+        await store.append(KEY, [entry(1)])
+    assert await store.load(KEY) is None
+    assert store.calls["append"] == 1 and store.calls["load"] == 1
+
+
+def test_unknown_op_and_bad_rate_are_refused() -> None:
+    with pytest.raises(ValueError):
+        FaultyStore(InMemorySessionStore(), ops={"apend"})
+    with pytest.raises(ValueError):
+        FaultyStore(InMemorySessionStore(), error_rate=1.5)
+
+
+def test_mirrors_in_memory_store_methods() -> None:
+    store = FaultyStore(InMemorySessionStore())
+    assert isinstance(store, FaultyStore)
+    for method in ("list_sessions", "list_session_summaries", "delete", "list_subkeys"):
+        assert implements(store, method), method
+    assert getattr(store, "append_at", None) is None
+    assert not is_offset_aware(store)
+
+
+def test_minimal_store_has_no_optional_methods() -> None:
+    store = FaultyStore(MinimalStore())  # type: ignore[arg-type]
+    assert getattr(store, "append_at", None) is None
+    assert getattr(store, "length", None) is None
+    for method in ("list_sessions", "list_session_summaries", "delete", "list_subkeys"):
+        assert not implements(store, method), method
+    assert type(store).delete is SessionStore.delete
+
+
+async def test_offset_aware_store_exposes_append_at() -> None:
+    store = FaultyStore(OffsetMemoryStore())
+    assert is_offset_aware(store)
+    assert await store.append_at(KEY, 0, [entry(0), entry(1)]) == 2  # type: ignore[attr-defined]
+    assert await store.append_at(KEY, 1, [entry(1), entry(2)]) == 3  # type: ignore[attr-defined]
+    assert await store.length(KEY) == 3  # type: ignore[attr-defined]
+    assert store.calls["append_at"] == 2
+
+
+async def test_wrapping_a_faulty_store_keeps_the_method_set() -> None:
+    store = FaultyStore(FaultyStore(OffsetMemoryStore()))
+    assert is_offset_aware(store)
+    assert implements(store, "delete")
+
+
+async def test_conformance_with_no_faults() -> None:
+    await run_session_store_conformance(lambda: FaultyStore(InMemorySessionStore()))
+
+
+async def test_conformance_of_offset_aware_wrapper() -> None:
+    await run_session_store_conformance(lambda: FaultyStore(OffsetMemoryStore()))
