@@ -353,5 +353,6 @@ def _class_for(methods: tuple[str, ...]) -> type[FaultyStore]:
     if not methods:
         return FaultyStore
     bases = tuple(_MIXINS[m] for m in methods)
-    name = "FaultyStore_" + "_".join(methods)
-    return cast(type[FaultyStore], type(name, bases, {"__module__": __name__}))
+    # Named plainly: the name shows up in cursor names, status and logs.
+    namespace = {"__module__": __name__, "__qualname__": "FaultyStore"}
+    return cast(type[FaultyStore], type("FaultyStore", bases, namespace))

@@ -124,6 +124,14 @@ class LocalView:
 
 
 @dataclass(frozen=True)
+class LocalSession:
+    session_id: str
+    updated_at: float
+    key_id: int
+    acked: int
+
+
+@dataclass(frozen=True)
 class Tombstone:
     id: int
     key: SessionKey  # a main key means the whole session
@@ -775,16 +783,17 @@ class WriteAheadQueue:
 
         return await self._reader.run(query)
 
-    async def local_sessions(self, project_key: str) -> list[tuple[str, float]]:
-        """Main keys of ``project_key`` holding entries: (session_id, updated_at)."""
+    async def local_sessions(self, project_key: str, backend: str) -> list[LocalSession]:
+        """Main keys of ``project_key`` holding entries, with ``backend``'s cursor."""
 
-        def query() -> list[tuple[str, float]]:
+        def query() -> list[LocalSession]:
             return [
-                (r[0], r[1])
+                LocalSession(*r)
                 for r in self._reader.conn.execute(
-                    "SELECT session_id, updated_at FROM keys"
-                    " WHERE project_key = ? AND subpath = '' AND next_seq > 0",
-                    (project_key,),
+                    """SELECT k.session_id, k.updated_at, k.key_id, COALESCE(c.acked, 0)
+                       FROM keys k LEFT JOIN cursors c ON c.key_id = k.key_id AND c.backend = ?
+                       WHERE k.project_key = ? AND k.subpath = '' AND k.next_seq > 0""",
+                    (backend, project_key),
                 )
             ]
 
@@ -805,18 +814,20 @@ class WriteAheadQueue:
 
     # -- barrier, compaction, status ----------------------------------------------
 
-    async def unacked_targets(self, backend: str) -> dict[int, int]:
-        """key_id -> next_seq for every key ``backend`` has not fully acknowledged."""
+    async def unacked_targets(self, backend: str, project_key: str | None = None) -> dict[int, int]:
+        """key_id -> next_seq for every key (of ``project_key``, if given) ``backend``
+        has not fully acknowledged."""
 
         def query() -> dict[int, int]:
-            return {
-                r[0]: r[1]
-                for r in self._reader.conn.execute(
-                    "SELECT k.key_id, k.next_seq FROM cursors c JOIN keys k ON k.key_id = c.key_id"
-                    " WHERE c.backend = ? AND c.acked < k.next_seq",
-                    (backend,),
-                )
-            }
+            sql = (
+                "SELECT k.key_id, k.next_seq FROM cursors c JOIN keys k ON k.key_id = c.key_id"
+                " WHERE c.backend = ? AND c.acked < k.next_seq"
+            )
+            args: tuple[str, ...] = (backend,)
+            if project_key is not None:
+                sql += " AND k.project_key = ?"
+                args += (project_key,)
+            return {r[0]: r[1] for r in self._reader.conn.execute(sql, args)}
 
         return await self._reader.run(query)
 

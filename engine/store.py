@@ -190,17 +190,24 @@ class DurableSessionStore(SessionStore):
         await self._ensure_started()
         await self._flush(timeout)
 
-    async def _flush(self, timeout: float | None) -> None:
+    async def _flush(
+        self,
+        timeout: float | None,
+        flushers: list[Flusher] | None = None,
+        project_key: str | None = None,
+        give_up_on_failure: bool = False,
+    ) -> None:
+        flushers = self.flushers if flushers is None else flushers
         deadline = None if timeout is None else time.monotonic() + timeout
-        targets = {f.name: await self.queue.unacked_targets(f.name) for f in self.flushers}
+        targets = {f.name: await self.queue.unacked_targets(f.name, project_key) for f in flushers}
         tombstone_marks = {
             f.name: max((t.id for t in await self.queue.tombstones(f.name)), default=0)
-            for f in self.flushers
+            for f in flushers
         }
         self._wake_flushers()
         while True:
             short_total, parked, deletes = 0, 0, 0
-            for flusher in self.flushers:
+            for flusher in flushers:
                 short, parked_ids = await self.queue.unmet(flusher.name, targets[flusher.name])
                 targets[flusher.name] = short
                 short_total += len(short)
@@ -214,7 +221,8 @@ class DurableSessionStore(SessionStore):
                     f"{parked} key(s) are parked after a permanent backend error; "
                     "see status() and requeue()"
                 )
-            if deadline is not None and time.monotonic() >= deadline:
+            failing = give_up_on_failure and any(f.consecutive_failures for f in flushers)
+            if failing or (deadline is not None and time.monotonic() >= deadline):
                 raise FlushTimeoutError(
                     f"flush timed out with {short_total} key(s) and {deletes} delete(s) "
                     "not yet acknowledged"
@@ -225,6 +233,20 @@ class DurableSessionStore(SessionStore):
                 await asyncio.wait_for(self._progress.wait(), wait)
             except TimeoutError:
                 pass
+
+    async def _settle(self, project_key: str) -> None:
+        """Before listing: give the reading backend a moment to take this project's
+        queued entries, so listings come from one consistent source. Skipped while
+        that backend is failing; whatever is still queued is merged in anyway."""
+        reader = self.flushers[0]
+        if reader.consecutive_failures:
+            return
+        try:
+            await self._flush(
+                self.tuning.call_timeout, [reader], project_key, give_up_on_failure=True
+            )
+        except (FlushTimeoutError, FlushBlockedError):
+            pass
 
     async def close(self, timeout: float | None = 30.0) -> CloseReport:
         """Stop accepting appends, drain for up to ``timeout`` seconds, stop, and
@@ -365,13 +387,15 @@ class DurableSessionStore(SessionStore):
         validate_project_key(project_key)
         await self._ensure_started()
         name, backend = self._reader
+        await self._settle(project_key)
         if not implements(backend, "list_sessions"):
             raise NotImplementedError(f"backend {name} does not implement list_sessions")
         remote = await self._read_backend("list_sessions", backend.list_sessions(project_key))
         dead = await self.queue.tombstoned_sessions(name, project_key)
         mtimes = {e["session_id"]: e["mtime"] for e in remote if e["session_id"] not in dead}
-        for session_id, updated_at in await self.queue.local_sessions(project_key):
-            mtimes[session_id] = max(mtimes.get(session_id, 0), int(updated_at * 1000))
+        for local in await self.queue.local_sessions(project_key, name):
+            mtime = int(local.updated_at * 1000)
+            mtimes[local.session_id] = max(mtimes.get(local.session_id, 0), mtime)
         return [{"session_id": sid, "mtime": mtime} for sid, mtime in mtimes.items()]
 
     async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
@@ -379,6 +403,11 @@ class DurableSessionStore(SessionStore):
         validate_project_key(project_key)
         await self._ensure_started()
         name, backend = self._reader
+        await self._settle(project_key)
+        # Cursors first, backend second: an entry delivered in between is then
+        # folded twice, never missed, and folding is idempotent for a replayed
+        # suffix (every summary field is set-once or last-wins).
+        queued = await self.queue.local_sessions(project_key, name)
         if implements(backend, "list_session_summaries"):
             remote = await self._read_backend(
                 "list_session_summaries", backend.list_session_summaries(project_key)
@@ -389,25 +418,20 @@ class DurableSessionStore(SessionStore):
             raise NotImplementedError(f"backend {name} does not implement list_sessions")
         dead = await self.queue.tombstoned_sessions(name, project_key)
         summaries = {s["session_id"]: s for s in remote if s["session_id"] not in dead}
-        for session_id, updated_at in await self.queue.local_sessions(project_key):
-            key: SessionKey = {"project_key": project_key, "session_id": session_id}
-            async with self._locks(key):
-                view = await self.queue.local_view(key, name)
-                if view is None:
-                    continue
-                summary = summaries.get(session_id)
-                start = view.cursor.acked
-                while True:  # fold queued entries in bounded chunks: memory stays flat
-                    bodies = await self.queue.read_batch(view.key_id, start, 1000, 8 << 20)
-                    if not bodies:
-                        break
-                    summary = fold_session_summary(summary, key, [json.loads(b) for b in bodies])
-                    start += len(bodies)
-                if summary is None:
-                    continue
+        for local in queued:
+            key: SessionKey = {"project_key": project_key, "session_id": local.session_id}
+            summary = summaries.get(local.session_id)
+            start = local.acked
+            while True:  # fold queued entries in bounded chunks: memory stays flat
+                bodies = await self.queue.read_batch(local.key_id, start, 1000, 8 << 20)
+                if not bodies:
+                    break
+                summary = fold_session_summary(summary, key, [json.loads(b) for b in bodies])
+                start += len(bodies)
+            if summary is not None:
                 summary = {**summary}
-                summary["mtime"] = max(summary["mtime"], int(updated_at * 1000))
-                summaries[session_id] = summary
+                summary["mtime"] = max(summary["mtime"], int(local.updated_at * 1000))
+                summaries[local.session_id] = summary
         return list(summaries.values())
 
     async def _fold_from_backend(self, project_key: str) -> list[SessionSummaryEntry]:

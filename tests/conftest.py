@@ -30,4 +30,4 @@ async def make_durable(tmp_path: Path) -> AsyncIterator[Callable[..., DurableSes
 
     yield make
     for store in made:
-        await store.close(timeout=5)
+        await store.close(timeout=0.5)

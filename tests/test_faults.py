@@ -9,6 +9,7 @@ import pytest
 from claude_agent_sdk import InMemorySessionStore
 from claude_agent_sdk.testing.session_store_conformance import run_session_store_conformance
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
+
 from walmirror.backend import implements, is_offset_aware
 from walmirror.errors import PermanentBackendError
 from walmirror.faults import FaultyStore

@@ -1,0 +1,479 @@
+"""The ``walmirror`` command: status, drain, requeue, verify, demo, bench.
+
+Operator commands work on a queue file that no process is using (the queue
+takes an exclusive lock, so a live application's queue is refused with a clear
+error). ``status`` and ``requeue`` need only the queue; ``drain`` and
+``verify`` also need the backends, as URLs (``walmirror.backends.from_url``).
+
+Cursor names: the queue remembers each backend by name (default
+``"<index>:<class name>"``, e.g. ``"0:FileStore"``). The command uses the
+default names when the queue knows them, adopts the queue's only name when
+there is one backend, and otherwise asks for ``--name`` per ``--backend``. It
+never invents a cursor in a queue that already has some: a new cursor would
+start delivering from scratch.
+
+Exit codes: 0 success; 1 the command ran and found a problem (not drained,
+verify found damage, demo lost or duplicated entries); 2 usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from claude_agent_sdk.types import SessionKey, SessionStore
+
+from walmirror.backends import from_url
+
+from .errors import FlushBlockedError, FlushTimeoutError, WalmirrorError
+from .keys import describe_key, validate_key
+from .queue import WriteAheadQueue
+from .store import DurableSessionStore
+from .verify import KeyReport, verify
+
+
+class UsageError(Exception):
+    """Bad options or setup: printed as ``walmirror: error: ...``, exit code 2."""
+
+
+# -- parser ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="walmirror",
+        description="Operate a walmirror write-ahead queue: inspect, drain, verify, demo, bench.",
+        epilog="Run 'walmirror COMMAND --help' for a command's options.",
+    )
+    _add_store_options(parser, None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = _command(sub, "status", "show what is queued, per backend (reads the queue only)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    drain = _command(sub, "drain", "deliver everything queued to the backends, then stop")
+    drain.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="give up after S seconds (60)"
+    )
+
+    requeue = _command(sub, "requeue", "un-park keys a backend rejected (all, or one key)")
+    requeue.add_argument("--project", metavar="P", help="project_key of the key to un-park")
+    requeue.add_argument("--session", metavar="S", help="session_id of the key to un-park")
+    requeue.add_argument("--subpath", metavar="X", help="subpath (subagent transcript)")
+    requeue.add_argument(
+        "--backend-name", metavar="N", help="only this backend's parked keys (see status)"
+    )
+
+    check = _command(sub, "verify", "compare each backend with the local queue, key by key")
+    check.add_argument("--json", action="store_true", help="print JSON reports")
+
+    demo = sub.add_parser(
+        "demo",
+        help="simulated agents writing through a backend outage; checks nothing is lost",
+        description="Concurrent simulated agent sessions append transcript entries through "
+        "DurableSessionStore(FaultyStore(FileStore)) while the backend goes down and "
+        "replies get lost; afterwards the backend's files are checked against what was "
+        "appended. Exit code 1 if anything was lost or duplicated.",
+    )
+    demo.add_argument("--seconds", type=float, default=10.0, metavar="N", help="run time (10)")
+    demo.add_argument(
+        "--outage-start", type=float, default=3.0, metavar="S", help="backend down at S s (3)"
+    )
+    demo.add_argument(
+        "--outage-seconds", type=float, default=4.0, metavar="S", help="outage length (4)"
+    )
+    demo.add_argument("--sessions", type=int, default=4, metavar="K", help="sessions (4)")
+    demo.add_argument("--dir", metavar="D", help="working directory (default: a new temp dir)")
+
+    bench = sub.add_parser(
+        "bench",
+        help="append latency, ingest rate and a raw SQLite baseline, against the targets",
+        description="Measures durable append latency (backend healthy and down), local "
+        "ingest with 1 and 50 sessions, and a raw SQLite commit on this machine as a "
+        "baseline; prints each figure next to its target from DESIGN.md.",
+    )
+    bench.add_argument("--quick", action="store_true", help="a few seconds, rough figures")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
+    bench.add_argument("--dir", metavar="D", help="where the queues go (default: a temp dir)")
+    return parser
+
+
+def _add_store_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """--queue/--backend/--name, accepted before or after the command name."""
+    parser.add_argument(
+        "--queue",
+        metavar="PATH",
+        default=default,
+        help="the queue file (wal_path); env WALMIRROR_QUEUE",
+    )
+    parser.add_argument(
+        "--backend",
+        metavar="URL",
+        action="append",
+        default=default,
+        help="a backend URL, e.g. file:///srv/transcripts; repeat for fan-out; "
+        "env WALMIRROR_BACKEND (space-separated)",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        action="append",
+        default=default,
+        help="the queue's cursor name for each --backend, in order (see status)",
+    )
+
+
+def _command(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
+    # SUPPRESS: a value given before the command name is not reset by the subcommand.
+    _add_store_options(parser, argparse.SUPPRESS)
+    return parser
+
+
+# -- store options ------------------------------------------------------------------
+
+
+def _queue_path(args: argparse.Namespace) -> Path:
+    raw = args.queue or os.environ.get("WALMIRROR_QUEUE")
+    if not raw:
+        raise UsageError("no queue: pass --queue PATH or set WALMIRROR_QUEUE")
+    path = Path(raw)
+    if not path.is_file():
+        raise UsageError(f"no queue file at {path}")
+    return path
+
+
+def _backends(args: argparse.Namespace) -> list[SessionStore]:
+    urls = args.backend or os.environ.get("WALMIRROR_BACKEND", "").split()
+    if not urls:
+        raise UsageError("no backend: pass --backend URL or set WALMIRROR_BACKEND")
+    try:
+        return [from_url(url) for url in urls]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def known_names(path: Path) -> list[str]:
+    """The backend names the queue holds cursors or pending deletes for (read-only)."""
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT backend FROM cursors UNION SELECT backend FROM tombstones"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []  # empty or not a queue: opening it reports the problem
+    return sorted(str(r[0]) for r in rows)
+
+
+def resolve_names(
+    known: Sequence[str],
+    backends: Sequence[SessionStore],
+    given: Sequence[str] | None,
+    *,
+    require_all: bool,
+) -> tuple[str, ...]:
+    """Match each backend to a cursor name the queue already has (see the module docstring)."""
+    defaults = tuple(f"{i}:{type(b).__name__}" for i, b in enumerate(backends))
+    if given and len(given) != len(backends):
+        raise UsageError(f"{len(given)} --name for {len(backends)} --backend; give one each")
+    if not known:
+        names = tuple(given) if given else defaults
+    elif given:
+        unknown = [n for n in given if n not in known]
+        if unknown:
+            raise UsageError(
+                f"the queue has no cursor named {', '.join(unknown)}; it knows: {', '.join(known)}"
+            )
+        names = tuple(given)
+    elif set(defaults) <= set(known):
+        names = defaults
+    elif len(backends) == 1 and len(known) == 1:
+        names = (known[0],)
+    else:
+        raise UsageError(
+            f"the queue knows backends {', '.join(known)}; say which --backend is which "
+            "with --name, in the same order"
+        )
+    missing = sorted(set(known) - set(names))
+    if require_all and missing:
+        raise UsageError(
+            f"the queue also feeds {', '.join(missing)}: pass every backend (with --backend "
+            "and --name), or entries those backends still need could be compacted away"
+        )
+    return names
+
+
+def _open_store(args: argparse.Namespace, *, require_all: bool) -> DurableSessionStore:
+    path = _queue_path(args)
+    backends = _backends(args)
+    names = resolve_names(known_names(path), backends, args.name, require_all=require_all)
+    return DurableSessionStore(backends, path, backend_names=names)
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+async def status(args: argparse.Namespace) -> int:
+    path = _queue_path(args)
+    names = known_names(path)
+    queue = WriteAheadQueue(path)
+    await queue.open(names)
+    try:
+        report: dict[str, Any] = {
+            "queue": {
+                "path": str(path),
+                "stored_bytes": queue.stored_bytes,
+                "keys": len(await queue.all_keys()),
+            },
+            "backends": [],
+        }
+        for name in names:
+            stats = await queue.stats(name)
+            report["backends"].append(
+                {
+                    "name": name,
+                    "pending_entries": stats.pending_entries,
+                    "pending_bytes": stats.pending_bytes,
+                    "pending_keys": stats.pending_keys,
+                    "pending_deletes": stats.pending_deletes,
+                    "lag_seconds": round(stats.lag_seconds, 3),
+                    "parked": [{**p, "key_text": describe_key(p["key"])} for p in stats.parked],
+                }
+            )
+    finally:
+        await queue.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return 0
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    q = report["queue"]
+    print(f"queue {q['path']}: {q['keys']} keys, {_bytes(q['stored_bytes'])} held")
+    if not report["backends"]:
+        print("no backend has a cursor yet (nothing appended)")
+        return
+    header = ("backend", "pending", "bytes", "keys", "deletes", "oldest", "parked")
+    rows = [header] + [
+        (
+            b["name"],
+            str(b["pending_entries"]),
+            _bytes(b["pending_bytes"]),
+            str(b["pending_keys"]),
+            str(b["pending_deletes"]),
+            f"{b['lag_seconds']:.1f} s",
+            str(len(b["parked"])),
+        )
+        for b in report["backends"]
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for b in report["backends"]:
+        for p in b["parked"]:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["parked_at"]))
+            print(f"parked on {b['name']}: {p['key_text']} since {since}: {p['error']}")
+
+
+# -- drain ----------------------------------------------------------------------------
+
+
+async def drain(args: argparse.Namespace) -> int:
+    store = _open_store(args, require_all=True)
+    await store.start()
+    started = time.monotonic()
+    problem = None
+    try:
+        await store.flush(timeout=args.timeout)
+    except FlushTimeoutError:
+        problem = f"timed out after {args.timeout:g} s"
+    except FlushBlockedError:
+        problem = "keys are parked after a permanent backend error"
+    elapsed = time.monotonic() - started
+    delivered = {f.name: f.delivered_total for f in store.flushers}
+    last_errors = {f.name: f.last_error for f in store.flushers}
+    if problem:
+        logging.getLogger("walmirror").setLevel(logging.ERROR)  # we report it ourselves
+    report = await store.close(timeout=0.0 if problem else 10.0)
+    for name in store.backend_names:
+        line = (
+            f"{name}: delivered {delivered.get(name, 0)} entries in {elapsed:.1f} s; "
+            f"{report.pending_entries.get(name, 0)} remain queued, "
+            f"{report.parked_keys.get(name, 0)} keys parked"
+        )
+        if report.pending_entries.get(name) and last_errors.get(name):
+            line += f"; last error: {last_errors[name]}"
+        print(line)
+    if report.drained:
+        print("drained: every queued entry reached every backend.")
+        return 0
+    print(f"not drained: {problem or 'entries remain'}. See 'walmirror status'.")
+    return 1
+
+
+# -- requeue ----------------------------------------------------------------------------
+
+
+async def requeue(args: argparse.Namespace) -> int:
+    key: SessionKey | None = None
+    if args.project or args.session or args.subpath:
+        if not (args.project and args.session):
+            raise UsageError("a key needs both --project and --session (and maybe --subpath)")
+        raw: dict[str, str] = {"project_key": args.project, "session_id": args.session}
+        if args.subpath:
+            raw["subpath"] = args.subpath
+        key = validate_key(raw)
+    path = _queue_path(args)
+    names = known_names(path)
+    if args.backend_name is not None and args.backend_name not in names:
+        raise UsageError(f"no backend named {args.backend_name}; the queue knows: {names}")
+    queue = WriteAheadQueue(path)
+    await queue.open(names)
+    try:
+        count = await queue.requeue(args.backend_name, key)
+    finally:
+        await queue.close()
+    scope = describe_key(key) if key else "all keys"
+    where = f"backend {args.backend_name}" if args.backend_name else "every backend"
+    print(f"un-parked {count} key(s) ({scope}, {where}).")
+    if count:
+        print("They are delivered on the application's next start, or by 'walmirror drain'.")
+    return 0
+
+
+# -- verify ------------------------------------------------------------------------------
+
+
+async def run_verify(args: argparse.Namespace) -> int:
+    store = _open_store(args, require_all=False)
+    await store.queue.open(store.backend_names)  # inspect only: no flusher runs
+    try:
+        reports = await verify(store)
+    finally:
+        await store.queue.close()
+    if args.json:
+        print(json.dumps([r.to_json() for r in reports], indent=2))
+    else:
+        _print_verify(reports)
+    if any(r.problems for r in reports):
+        return 1
+    return 2 if any(r.error for r in reports) else 0
+
+
+def _print_verify(reports: list[KeyReport]) -> None:
+    keys = {describe_key(r.key) for r in reports}
+    for r in reports:
+        if r.ok:
+            continue
+        if r.error:
+            print(f"{r.backend} {describe_key(r.key)}: {r.error}")
+            continue
+        found = [
+            f"{count} {label}"
+            for count, label in (
+                (r.missing, "missing"),
+                (r.out_of_order, "out of order"),
+                (r.mismatched, "mismatched"),
+                (r.duplicated, "duplicated"),
+            )
+            if count
+        ]
+        print(
+            f"{r.backend} {describe_key(r.key)}: {', '.join(found)} "
+            f"(first at offset {r.first_bad_offset}; backend holds {r.backend_entries})"
+        )
+    bad = [r for r in reports if not r.ok]
+    checked = sum(r.checked for r in reports)
+    pending = sum(r.pending for r in reports)
+    unplaced = sum(r.unplaced for r in reports)
+    summary = f"{len(keys)} keys, {checked} entries checked, {pending} pending"
+    if unplaced:
+        summary += f", {unplaced} not checkable (offset unknown)"
+    if bad:
+        print(f"{summary}: problems in {len(bad)} key/backend pair(s).")
+    else:
+        print(f"{summary}: clean.")
+
+
+# -- demo and bench ----------------------------------------------------------------------
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, demo  # only this command needs it
+
+    options = DemoOptions(
+        seconds=args.seconds,
+        outage_start=args.outage_start,
+        outage_seconds=args.outage_seconds,
+        sessions=args.sessions,
+        directory=Path(args.dir) if args.dir else None,
+    )
+    try:
+        options.check()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return await demo(options)
+
+
+async def run_bench(args: argparse.Namespace) -> int:
+    from walmirror.bench.append import run  # only this command needs it
+
+    return await run(
+        quick=args.quick,
+        as_json=args.json,
+        out=Path(args.out) if args.out else None,
+        directory=Path(args.dir) if args.dir else None,
+    )
+
+
+COMMANDS = {
+    "status": status,
+    "drain": drain,
+    "requeue": requeue,
+    "verify": run_verify,
+    "demo": run_demo,
+    "bench": run_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="walmirror: %(levelname)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return asyncio.run(COMMANDS[args.command](args))
+    except (UsageError, WalmirrorError) as exc:
+        print(f"walmirror: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""``verify``: compare what each backend holds with what the local queue says it should.
+
+For every key in the local queue and every backend of the store, the entries
+still held locally whose backend offset is known (the cursor's ``base`` is
+set: local entry ``seq`` sits at offset ``base + seq``) are checked against
+the backend's transcript:
+
+``missing``
+    acknowledged by the backend, but not in its transcript at all;
+``out_of_order``
+    in the transcript (found by ``uuid``), but not at its offset;
+``mismatched``
+    the entry at its offset has the same ``uuid`` (or neither has one) but
+    different content;
+``duplicated``
+    extra copies of a ``uuid`` anywhere in the backend's transcript;
+``pending``
+    appended but not acknowledged yet (not an error: the flusher is behind).
+
+Entries compacted away locally cannot be checked (only duplicates can), nor
+can acknowledged entries whose offset is unknown (``unplaced``: a foreign
+store before its first delivery). Reports carry keys, counts and offsets,
+never entry content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from claude_agent_sdk.types import SessionKey, SessionStore
+
+from .flusher import describe_error
+from .keys import describe_key
+from .queue import KeyRow
+from .store import DurableSessionStore
+
+# Local entries are read in chunks of this many, so memory stays bounded by the
+# backend transcript (which ``load`` returns whole anyway).
+_CHUNK = 1000
+
+
+@dataclass
+class KeyReport:
+    """One key as one backend holds it, compared with the local queue."""
+
+    key: SessionKey
+    backend: str
+    backend_entries: int = 0  # length of the backend's transcript
+    held: int = 0  # entries still held in the local queue
+    checked: int = 0  # acknowledged held entries compared with the backend
+    pending: int = 0  # appended, not acknowledged yet
+    unplaced: int = 0  # acknowledged, offset unknown: not checkable
+    missing: int = 0
+    out_of_order: int = 0
+    mismatched: int = 0
+    duplicated: int = 0
+    first_bad_offset: int | None = None
+    error: str | None = None  # the backend could not be read
+
+    @property
+    def problems(self) -> int:
+        return self.missing + self.out_of_order + self.mismatched + self.duplicated
+
+    @property
+    def ok(self) -> bool:
+        return self.problems == 0 and self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["key_text"] = describe_key(self.key)
+        data["ok"] = self.ok
+        return data
+
+    def note_bad(self, offset: int) -> None:
+        if self.first_bad_offset is None or offset < self.first_bad_offset:
+            self.first_bad_offset = offset
+
+
+@dataclass
+class _Held:
+    """The entries of one key still in the local queue, from ``first_seq`` on."""
+
+    first_seq: int = 0
+    bodies: list[bytes] = field(default_factory=list)
+
+
+async def verify(store: DurableSessionStore) -> list[KeyReport]:
+    """One report per (key, backend); a drained, healthy store gives only clean reports.
+
+    The store's queue must be open (``await store.start()``, or
+    ``await store.queue.open(store.backend_names)`` to inspect without delivering).
+    """
+    reports: list[KeyReport] = []
+    for row, _next_seq in await store.queue.all_keys():
+        for name, backend in zip(store.backend_names, store.backends, strict=True):
+            reports.append(await _verify_key(store, row, name, backend))
+    return reports
+
+
+async def _verify_key(
+    store: DurableSessionStore, row: KeyRow, name: str, backend: SessionStore
+) -> KeyReport:
+    key = row.session_key()
+    report = KeyReport(key=key, backend=name)
+    # Cursor first, backend second: whatever the cursor says was acknowledged is
+    # already in the backend when we read it (backends only grow).
+    view = await store.queue.local_view(key, name)
+    if view is None:  # deleted since all_keys()
+        return report
+    acked, base = view.cursor.acked, view.cursor.base
+    held = await _read_held(store, row, name)
+    report.held = len(held.bodies)
+    report.pending = max(0, view.next_seq - acked)
+    try:
+        remote = await backend.load(key) or []
+    except Exception as exc:
+        report.error = f"backend {name} could not load the key ({describe_error(exc)})"
+        return report
+    report.backend_entries = len(remote)
+    _count_duplicates(report, remote)
+
+    where: dict[str, list[int]] = {}
+    for offset, entry in enumerate(remote):
+        uuid = _uuid(entry)
+        if uuid is not None:
+            where.setdefault(uuid, []).append(offset)
+    for i, body in enumerate(held.bodies):
+        seq = held.first_seq + i
+        if seq >= acked:
+            break  # the rest is pending
+        if base is None:
+            report.unplaced += 1
+            continue
+        report.checked += 1
+        _check_entry(report, json.loads(body), base + seq, remote, where)
+    return report
+
+
+async def _read_held(store: DurableSessionStore, row: KeyRow, name: str) -> _Held:
+    """The key's locally held entries, and the seq of the first one.
+
+    Compaction may delete a prefix while we read; if the lowest held seq moved
+    during the read, read again (a few times, then report what we have).
+    """
+    key = row.session_key()
+    held = _Held()
+    for _ in range(5):
+        view = await store.queue.local_view(key, name)
+        if view is None or view.lowest_held_seq is None:
+            return _Held()
+        held = _Held(first_seq=view.lowest_held_seq)
+        while True:
+            start = held.first_seq + len(held.bodies)
+            chunk = await store.queue.read_batch(row.key_id, start, _CHUNK, 64 << 20)
+            if not chunk:
+                break
+            held.bodies.extend(chunk)
+        after = await store.queue.local_view(key, name)
+        if after is not None and after.lowest_held_seq == view.lowest_held_seq:
+            return held
+    return held
+
+
+def _check_entry(
+    report: KeyReport,
+    entry: Any,
+    offset: int,
+    remote: list[Any],
+    where: dict[str, list[int]],
+) -> None:
+    at_offset = remote[offset] if offset < len(remote) else None
+    if at_offset == entry:
+        return
+    uuid = _uuid(entry)
+    report.note_bad(offset)
+    if at_offset is not None and _uuid(at_offset) == uuid:
+        report.mismatched += 1  # right place, different content
+    elif uuid is not None and uuid in where:
+        report.out_of_order += 1
+    else:
+        report.missing += 1
+
+
+def _count_duplicates(report: KeyReport, remote: list[Any]) -> None:
+    counts = Counter(u for u in (_uuid(e) for e in remote) if u is not None)
+    seen: Counter[str] = Counter()
+    for offset, entry in enumerate(remote):
+        uuid = _uuid(entry)
+        if uuid is None or counts[uuid] < 2:
+            continue
+        seen[uuid] += 1
+        if seen[uuid] > 1:
+            report.duplicated += 1
+            report.note_bad(offset)
+
+
+def _uuid(entry: Any) -> str | None:
+    uuid = entry.get("uuid") if isinstance(entry, dict) else None
+    return uuid if isinstance(uuid, str) and uuid else None
