@@ -1,1 +1,60 @@
-"""Backends: one module per destination, each a full offset-aware ``SessionStore``."""
+"""Backends: one module per destination, each a full offset-aware ``SessionStore``.
+
+``from_url(url)`` builds a backend from a URL, for the ``walmirror`` command
+and for configuration files:
+
+* ``file:///abs/path`` or ``file:relative/path``: ``FileStore`` (JSONL files).
+
+``redis://``, ``postgresql://`` and ``s3://`` come with their backends.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from claude_agent_sdk.types import SessionStore
+
+__all__ = ["PLANNED_SCHEMES", "SUPPORTED_SCHEMES", "from_url"]
+
+SUPPORTED_SCHEMES: tuple[str, ...] = ("file",)
+PLANNED_SCHEMES: tuple[str, ...] = ("redis", "postgresql", "s3")
+
+
+def from_url(url: str) -> SessionStore:
+    """The backend ``url`` names, or ``ValueError`` saying which URLs work.
+
+    Error messages never repeat the URL: remote URLs can carry passwords.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return _file_store(url)
+    supported = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+    planned = ", ".join(f"{s}://" for s in PLANNED_SCHEMES)
+    if scheme in PLANNED_SCHEMES:
+        raise ValueError(
+            f"backend URLs with scheme {scheme}:// are not supported yet "
+            f"(supported: {supported}; {planned} come later)"
+        )
+    what = f"scheme {scheme!r}" if scheme else "no scheme"
+    raise ValueError(
+        f"backend URL has {what}; supported: {supported} "
+        f"(file:///absolute/path or file:relative/path); {planned} come later"
+    )
+
+
+def _file_store(url: str) -> SessionStore:
+    from .file import FileStore  # imported here so other backends never load it
+
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(
+            "file:// URLs name a local directory: use file:///absolute/path "
+            "(three slashes) or file:relative/path, not a host name"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError("file:// backend URLs take no query string or fragment")
+    path = unquote(parts.path)
+    if not path:
+        raise ValueError("file:// backend URL has no path")
+    return FileStore(path)

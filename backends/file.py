@@ -137,6 +137,12 @@ class FileStore(SessionStore):
     def root(self) -> Path:
         return self._root
 
+    @property
+    def cursor_name(self) -> str:
+        """How a walmirror queue names its cursor for this backend: stable across
+        processes and across wrappers (a FaultyStore around it keeps the name)."""
+        return self._root.as_uri()
+
     def __repr__(self) -> str:
         return f"FileStore({str(self._root)!r})"
 

@@ -6,7 +6,8 @@ error). ``status`` and ``requeue`` need only the queue; ``drain`` and
 ``verify`` also need the backends, as URLs (``walmirror.backends.from_url``).
 
 Cursor names: the queue remembers each backend by name (default
-``"<index>:<class name>"``, e.g. ``"0:FileStore"``). The command uses the
+``store.default_cursor_name``: the backend's ``cursor_name`` such as
+``"file:///mnt/transcripts"``, else ``"<index>:<class name>"``). The command uses the
 default names when the queue knows them, adopts the queue's only name when
 there is one backend, and otherwise asks for ``--name`` per ``--backend``. It
 never invents a cursor in a queue that already has some: a new cursor would
@@ -38,7 +39,7 @@ from walmirror.backends import from_url
 from .errors import FlushBlockedError, FlushTimeoutError, WalmirrorError
 from .keys import describe_key, validate_key
 from .queue import WriteAheadQueue
-from .store import DurableSessionStore
+from .store import DurableSessionStore, default_cursor_name
 from .verify import KeyReport, verify
 
 
@@ -187,7 +188,7 @@ def resolve_names(
     require_all: bool,
 ) -> tuple[str, ...]:
     """Match each backend to a cursor name the queue already has (see the module docstring)."""
-    defaults = tuple(f"{i}:{type(b).__name__}" for i, b in enumerate(backends))
+    defaults = tuple(default_cursor_name(i, b) for i, b in enumerate(backends))
     if given and len(given) != len(backends):
         raise UsageError(f"{len(given)} --name for {len(backends)} --backend; give one each")
     if not known:
@@ -305,12 +306,13 @@ async def drain(args: argparse.Namespace) -> int:
         problem = f"timed out after {args.timeout:g} s"
     except FlushBlockedError:
         problem = "keys are parked after a permanent backend error"
-    elapsed = time.monotonic() - started
-    delivered = {f.name: f.delivered_total for f in store.flushers}
-    last_errors = {f.name: f.last_error for f in store.flushers}
-    if problem:
-        logging.getLogger("walmirror").setLevel(logging.ERROR)  # we report it ourselves
-    report = await store.close(timeout=0.0 if problem else 10.0)
+    finally:
+        elapsed = time.monotonic() - started
+        delivered = {f.name: f.delivered_total for f in store.flushers}
+        last_errors = {f.name: f.last_error for f in store.flushers}
+        if problem:
+            logging.getLogger("walmirror").setLevel(logging.ERROR)  # we report it ourselves
+        report = await store.close(timeout=0.0 if problem else 10.0)
     for name in store.backend_names:
         line = (
             f"{name}: delivered {delivered.get(name, 0)} entries in {elapsed:.1f} s; "

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
@@ -92,10 +92,8 @@ def make_entry(
     rng: random.Random, kind: str, key: SessionKey, parent: str | None
 ) -> SessionStoreEntry:
     """One transcript line shaped like the Claude CLI's, about 1 KB."""
-    words: list[str] = []
-    while sum(len(w) + 1 for w in words) < 800:
-        words.append(rng.choice(_WORDS))
-    text = " ".join(words)
+    words = rng.choices(_WORDS, k=160)
+    text = " ".join(words)[:800]
     entry: dict[str, Any] = {
         "parentUuid": parent,
         "isSidechain": "subpath" in key,
@@ -120,7 +118,7 @@ def make_entry(
             "usage": {"input_tokens": rng.randint(500, 5000), "output_tokens": len(words)},
         }
         entry["requestId"] = f"req_{rng.getrandbits(64):016x}"
-    return entry  # type: ignore[return-value]
+    return cast(SessionStoreEntry, entry)
 
 
 async def agent(

@@ -176,6 +176,12 @@ class FaultyStore(SessionStore):
 
     # -- switching faults -------------------------------------------------
 
+    @property
+    def cursor_name(self) -> str | None:
+        """The inner store's cursor name: wrapping a backend in faults keeps its cursor."""
+        name = getattr(self.inner, "cursor_name", None)
+        return name if isinstance(name, str) else None
+
     def down(self, duration: float | None = None) -> None:
         """Fail every call in scope until ``up()``, or for ``duration`` seconds."""
         self._down_until = float("inf") if duration is None else time.monotonic() + duration

@@ -41,7 +41,7 @@ from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
 from . import telemetry
 from .backend import implements, is_offset_aware
 from .config import Tuning
-from .errors import WalmirrorError
+from .errors import PermanentBackendError, WalmirrorError
 from .keys import describe_key
 from .queue import KeyRow, WriteAheadQueue
 
@@ -244,7 +244,7 @@ class Flusher:
                 cursor = await self.queue.cursor(self.name, key.key_id)
                 if cursor is None:  # deleted since it was picked
                     return _Outcome()
-                bodies = await self.queue.read_batch(
+                first, bodies = await self.queue.read_batch(
                     key.key_id,
                     cursor.acked,
                     self.tuning.max_batch_entries,
@@ -252,6 +252,15 @@ class Flusher:
                 )
                 if not bodies:
                     return _Outcome()
+                if first != cursor.acked:
+                    # A backend added after entries were compacted: sending the rest
+                    # would store a transcript with its beginning missing.
+                    error = (
+                        f"HistoryCompacted: entries {cursor.acked}..{first - 1} of this key "
+                        "were compacted before this backend received them"
+                    )
+                    await self.queue.park(self.name, key.key_id, error)
+                    return _Outcome(error=PermanentBackendError(error), permanent=True)
                 entries: list[SessionStoreEntry] = [json.loads(b) for b in bodies]
                 span.set_attribute("walmirror.batch.entries", len(entries))
                 try:

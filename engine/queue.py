@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import sqlite3
 import time
@@ -84,6 +85,8 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("walmirror.queue")
 
 Synchronous = Literal["FULL", "NORMAL"]
 
@@ -175,7 +178,8 @@ class _Connection:
     def _open(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("PRAGMA journal_mode = WAL")
+        # journal_mode changes the file: it is set by _migrate, once the file is known
+        # to be ours (a foreign database must be left byte for byte as it was).
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         self._conn = conn
 
@@ -310,6 +314,7 @@ class WriteAheadQueue:
                 f"queue file {self.path} has schema version {version}, newer than this "
                 f"walmirror understands ({SCHEMA_VERSION}); upgrade walmirror"
             )
+        conn.execute("PRAGMA journal_mode = WAL")
         if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -332,6 +337,14 @@ class WriteAheadQueue:
                 (backend,),
             )
         conn.execute("COMMIT")
+        known = {r[0] for r in conn.execute("SELECT DISTINCT backend FROM cursors")}
+        for stale in sorted(known - set(self._backends)):
+            logger.warning(
+                "queue %s has a cursor for backend %r, which this store was not given; "
+                "entries it has not acknowledged are kept (compaction waits for it)",
+                self.path,
+                stale,
+            )
         ok = conn.execute("PRAGMA quick_check").fetchone()
         if ok is None or ok[0] != "ok":
             raise CorruptQueueError(f"queue file {self.path} failed SQLite's integrity check")
@@ -559,21 +572,26 @@ class WriteAheadQueue:
 
     async def read_batch(
         self, key_id: int, from_seq: int, max_entries: int, max_bytes: int
-    ) -> list[bytes]:
-        """Entries of ``key_id`` from ``from_seq`` on, bounded by count and bytes (at least one)."""
+    ) -> tuple[int, list[bytes]]:
+        """Entries of ``key_id`` from ``from_seq`` on, bounded by count and bytes (at
+        least one), with the seq of the first. It is above ``from_seq`` only when
+        entries were compacted before this reader got them."""
 
-        def query() -> list[bytes]:
+        def query() -> tuple[int, list[bytes]]:
+            first = from_seq
             bodies: list[bytes] = []
             total = 0
-            for (body,) in self._reader.conn.execute(
-                "SELECT body FROM entries WHERE key_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+            for seq, body in self._reader.conn.execute(
+                "SELECT seq, body FROM entries WHERE key_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
                 (key_id, from_seq, max_entries),
             ):
-                if bodies and total + len(body) > max_bytes:
+                if not bodies:
+                    first = seq
+                elif total + len(body) > max_bytes:
                     break
                 bodies.append(body)
                 total += len(body)
-            return bodies
+            return first, bodies
 
         return await self._reader.run(query)
 
@@ -859,30 +877,25 @@ class WriteAheadQueue:
         return await self._reader.run(query)
 
     async def compact(self, retention_seconds: float) -> int:
-        """Delete entries every configured backend acknowledged more than
-        ``retention_seconds`` ago (by append time); return how many."""
-        backends = self._backends
+        """Delete entries every backend acknowledged more than ``retention_seconds``
+        ago (by append time); return how many.
+
+        "Every backend" means every cursor in the file, including those of
+        backends this process was not given: their entries are not ours to drop.
+        """
 
         def run() -> int:
             conn = self._writer.conn
-            marks = ",".join("?" * len(backends))
             cutoff = time.time() - retention_seconds
+            acked_by_all = """appended_at <= ? AND seq < (
+                SELECT MIN(c.acked) FROM cursors c WHERE c.key_id = entries.key_id)"""
             conn.execute("BEGIN IMMEDIATE")
             try:
                 freed = conn.execute(
-                    f"""SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM entries
-                        WHERE appended_at <= ? AND seq < (
-                          SELECT MIN(c.acked) FROM cursors c
-                          WHERE c.key_id = entries.key_id AND c.backend IN ({marks}))""",
-                    (cutoff, *backends),
+                    f"SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM entries WHERE {acked_by_all}",
+                    (cutoff,),
                 ).fetchone()
-                conn.execute(
-                    f"""DELETE FROM entries
-                        WHERE appended_at <= ? AND seq < (
-                          SELECT MIN(c.acked) FROM cursors c
-                          WHERE c.key_id = entries.key_id AND c.backend IN ({marks}))""",
-                    (cutoff, *backends),
-                )
+                conn.execute(f"DELETE FROM entries WHERE {acked_by_all}", (cutoff,))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -40,6 +40,7 @@ from .errors import (
     InvalidEntryError,
     QueueClosedError,
     QueueFullError,
+    WalmirrorError,
 )
 from .flusher import Flusher, SessionLocks, describe_error
 from .keys import describe_key, validate_key, validate_project_key
@@ -55,6 +56,14 @@ class CloseReport:
     drained: bool
     pending_entries: dict[str, int] = field(default_factory=dict)
     parked_keys: dict[str, int] = field(default_factory=dict)
+
+
+def default_cursor_name(index: int, backend: SessionStore) -> str:
+    """The queue's name for a backend's cursor. It must outlive the process: a
+    backend may say who it is (``cursor_name``, e.g. "file:///mnt/transcripts");
+    else its place in the list and its class."""
+    name = getattr(backend, "cursor_name", None)
+    return name if isinstance(name, str) and name else f"{index}:{type(backend).__name__}"
 
 
 def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | None, bytes]]:
@@ -119,7 +128,7 @@ class DurableSessionStore(SessionStore):
                     f"{type(backend).__name__} is not a SessionStore (needs append and load)"
                 )
         names = self.tuning.backend_names or tuple(
-            f"{i}:{type(b).__name__}" for i, b in enumerate(self.backends)
+            default_cursor_name(i, b) for i, b in enumerate(self.backends)
         )
         if len(names) != len(self.backends) or len(set(names)) != len(names):
             raise ValueError("backend_names must name every backend once")
@@ -136,6 +145,7 @@ class DurableSessionStore(SessionStore):
         self._started = False
         self._closed = False
         self._gauges: telemetry.GaugeSource | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -158,6 +168,7 @@ class DurableSessionStore(SessionStore):
                 flusher.start()
             flushers = self.flushers
             self._gauges = telemetry.GaugeSource(lambda: {f.name: f.gauges for f in flushers})
+            self._loop = asyncio.get_running_loop()
             self._started = True
 
     async def _ensure_started(self) -> None:
@@ -165,6 +176,11 @@ class DurableSessionStore(SessionStore):
             raise QueueClosedError("this DurableSessionStore was closed")
         if not self._started:
             await self.start()
+        elif asyncio.get_running_loop() is not self._loop:
+            raise WalmirrorError(
+                "this DurableSessionStore runs its flushers on the event loop that started "
+                "it; use one store per event loop (close() it before that loop ends)"
+            )
 
     def _wake_flushers(self) -> None:
         for flusher in self.flushers:
@@ -365,6 +381,11 @@ class DurableSessionStore(SessionStore):
             if view is None or view.next_seq == 0:
                 return remote
             local = await self._local_entries(view.key_id, self._first_unstored(view, remote))
+        if remote and not is_offset_aware(backend):
+            # A foreign store may hold entries whose ack was lost (the flusher
+            # skips them the same way before it resends): count them once.
+            held = {e.get("uuid") for e in remote if isinstance(e, dict) and e.get("uuid")}
+            local = [e for e in local if not (e.get("uuid") and e.get("uuid") in held)]
         if remote is None and not local:
             return None
         return (remote or []) + local
@@ -423,7 +444,7 @@ class DurableSessionStore(SessionStore):
             summary = summaries.get(local.session_id)
             start = local.acked
             while True:  # fold queued entries in bounded chunks: memory stays flat
-                bodies = await self.queue.read_batch(local.key_id, start, 1000, 8 << 20)
+                _, bodies = await self.queue.read_batch(local.key_id, start, 1000, 8 << 20)
                 if not bodies:
                     break
                 summary = fold_session_summary(summary, key, [json.loads(b) for b in bodies])

@@ -142,24 +142,20 @@ async def _verify_key(
 async def _read_held(store: DurableSessionStore, row: KeyRow, name: str) -> _Held:
     """The key's locally held entries, and the seq of the first one.
 
-    Compaction may delete a prefix while we read; if the lowest held seq moved
-    during the read, read again (a few times, then report what we have).
+    Compaction may delete a prefix while we read; then the chunks stop being
+    contiguous and we read again (a few times, then report what we have).
     """
-    key = row.session_key()
     held = _Held()
     for _ in range(5):
-        view = await store.queue.local_view(key, name)
-        if view is None or view.lowest_held_seq is None:
-            return _Held()
-        held = _Held(first_seq=view.lowest_held_seq)
-        while True:
-            start = held.first_seq + len(held.bodies)
-            chunk = await store.queue.read_batch(row.key_id, start, _CHUNK, 64 << 20)
-            if not chunk:
-                break
+        first, chunk = await store.queue.read_batch(row.key_id, 0, _CHUNK, 64 << 20)
+        held = _Held(first_seq=first, bodies=list(chunk))
+        while chunk:
+            expected = held.first_seq + len(held.bodies)
+            first, chunk = await store.queue.read_batch(row.key_id, expected, _CHUNK, 64 << 20)
+            if chunk and first != expected:
+                break  # compaction raced us
             held.bodies.extend(chunk)
-        after = await store.queue.local_view(key, name)
-        if after is not None and after.lowest_held_seq == view.lowest_held_seq:
+        else:
             return held
     return held
 

@@ -21,6 +21,7 @@ from walmirror import (
     InvalidKeyError,
     QueueClosedError,
     QueueFullError,
+    WalmirrorError,
 )
 from walmirror.faults import FaultyStore
 
@@ -494,3 +495,50 @@ def test_bad_tuning_is_a_clear_error(tmp_path: Path) -> None:
         DurableSessionStore([], tmp_path / "q.db")
     with pytest.raises(TypeError, match="not a SessionStore"):
         DurableSessionStore(object(), tmp_path / "q.db")  # type: ignore[arg-type]
+
+
+def test_a_store_used_from_a_second_event_loop_says_so(tmp_path: Path) -> None:
+    store = DurableSessionStore(InMemorySessionStore(), tmp_path / "q.db")
+
+    async def first() -> None:
+        await store.append(KEY, entries(1))
+        await store.flush(timeout=10)
+
+    async def second() -> None:
+        with pytest.raises(WalmirrorError, match="one store per event loop"):
+            await store.append(KEY, entries(1, prefix="x"))
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+async def test_a_backend_added_after_compaction_is_parked_not_fed_a_partial_transcript(
+    tmp_path: Path,
+) -> None:
+    first = InMemorySessionStore()
+    async with DurableSessionStore(first, tmp_path / "q.db", backend_names=("a",)) as store:
+        await store.append(KEY, entries(5))
+        await store.flush(timeout=10)
+        await store.queue.compact(0)
+        await store.append(KEY, entries(8))  # e5..e7 are new
+        await store.flush(timeout=10)
+    second = InMemorySessionStore()
+    store = DurableSessionStore([first, second], tmp_path / "q.db", backend_names=("a", "b"))
+    async with store:
+        with pytest.raises(FlushBlockedError):
+            await store.flush(timeout=10)
+        (backend_b,) = [b for b in (await store.status())["backends"] if b["name"] == "b"]
+        assert "compacted" in backend_b["parked"][0]["error"]
+    assert second.get_entries(KEY) == []
+    assert first.get_entries(KEY) == entries(8)
+
+
+async def test_wrapping_a_backend_in_faults_keeps_its_cursor(tmp_path: Path) -> None:
+    from walmirror.backends.file import FileStore
+
+    root = tmp_path / "files"
+    async with DurableSessionStore(FileStore(root), tmp_path / "q.db") as store:
+        await store.append(KEY, entries(3))
+    async with DurableSessionStore(FaultyStore(FileStore(root)), tmp_path / "q.db") as store:
+        await store.append(KEY, entries(5))
+    assert await FileStore(root).load(KEY) == entries(5)
