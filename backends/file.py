@@ -553,7 +553,13 @@ class FileStore(SessionStore):
         self._write_sidecar(sidecar, summary, before.lines + len(new_entries))
 
     def _write_sidecar(self, sidecar: Path, summary: SessionSummaryEntry, folded: int) -> None:
-        """Replace the sidecar atomically: tmp file, fsync, rename, fsync directory."""
+        """Replace the sidecar atomically: tmp file, rename.
+
+        No fsync: a sidecar is derived data. One lost or torn by a power cut is
+        unreadable or behind the transcript, and the next append rebuilds or
+        catches it up from the transcript (``_update_summary``), so paying two
+        more fsyncs per append would buy nothing.
+        """
         self._make_dirs(sidecar.parent)
         data = _dumps({**summary, "folded": folded})
         tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -561,14 +567,12 @@ class FileStore(SessionStore):
         try:
             try:
                 os.write(fd, data)
-                os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, sidecar)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(sidecar.parent)
 
     def _remove_sidecar(self, key: SessionKey) -> None:
         sidecar = self._sidecar_path(key)

@@ -601,10 +601,24 @@ class WriteAheadQueue:
         )
 
     async def ack(self, backend: str, key_id: int, acked: int) -> None:
-        await self._write(
-            "UPDATE cursors SET acked = ? WHERE backend = ? AND key_id = ? AND acked < ?",
-            (acked, backend, key_id, acked),
-        )
+        """Advance a cursor. Committed without its own fsync: an ack lost to a power
+        cut only means a redelivery, which the backend ignores (offsets) or the
+        flusher skips (uuid tail check); the next append's commit syncs it anyway."""
+
+        def run() -> None:
+            conn = self._writer.conn
+            if self.synchronous == "FULL":
+                conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                conn.execute(
+                    "UPDATE cursors SET acked = ? WHERE backend = ? AND key_id = ? AND acked < ?",
+                    (acked, backend, key_id, acked),
+                )
+            finally:
+                if self.synchronous == "FULL":
+                    conn.execute("PRAGMA synchronous = FULL")
+
+        await self._writer.run(run)
 
     async def park(self, backend: str, key_id: int, error: str) -> None:
         await self._write(

@@ -58,6 +58,10 @@ class CloseReport:
     parked_keys: dict[str, int] = field(default_factory=dict)
 
 
+# One encoder for every entry: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def default_cursor_name(index: int, backend: SessionStore) -> str:
     """The queue's name for a backend's cursor. It must outlive the process: a
     backend may say who it is (``cursor_name``, e.g. "file:///mnt/transcripts");
@@ -78,9 +82,7 @@ def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | No
                 f"got {type(entry).__name__}"
             )
         try:
-            body = json.dumps(
-                entry, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-            ).encode()
+            body = _ENCODER.encode(entry).encode()
         except (TypeError, ValueError) as exc:
             raise InvalidEntryError(
                 f"entry {index} of the batch is not JSON-serialisable ({exc}); "
