@@ -32,11 +32,13 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, Literal, TypeVar
 
 from claude_agent_sdk.types import SessionKey
@@ -163,17 +165,21 @@ class _AppendRequest:
 
 
 class _Connection:
-    """One sqlite3 connection confined to one thread (the aiosqlite idea, minus per-statement hops).
-
-    Callers hand a whole function to the thread, so a transaction of many
-    statements costs one hop, not one per statement.
-    """
+    """One sqlite3 connection owned by one thread, fed by a queue of jobs (the aiosqlite
+    design), where a job is a whole function: a transaction of many statements costs one
+    hop to the thread and one back, not one per statement."""
 
     def __init__(self, path: Path, synchronous: Synchronous, name: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._path = path
         self._synchronous = synchronous
+        self._name = name
+        self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
 
     def _open(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -184,11 +190,28 @@ class _Connection:
         self._conn = conn
 
     async def open(self) -> None:
-        await self.run(lambda: self._open())
+        self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+        self._thread.start()
+        await self.run(self._open)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the connection's thread; it reports back on its own."""
+        self._jobs.put(job)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        future: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        self._jobs.put(job)
+        return await future
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -196,10 +219,23 @@ class _Connection:
         return self._conn
 
     async def close(self) -> None:
+        if self._thread is None:
+            return
         if self._conn is not None:
             await self.run(self._conn.close)
             self._conn = None
-        self._executor.shutdown(wait=True)
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled; the work is done all the same
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class WriteAheadQueue:
@@ -219,8 +255,7 @@ class WriteAheadQueue:
         self._reader = _Connection(self.path, synchronous, "walmirror-reader")
         self._lock_fd: int | None = None
         self._backends: tuple[str, ...] = ()
-        self._pending: list[_AppendRequest] = []
-        self._commit_task: asyncio.Task[None] | None = None
+        self._pending: deque[_AppendRequest] = deque()  # appended on the loop, taken by the writer
         # Writer-thread state: (project, session, subpath) -> [key_id, next_seq].
         self._key_cache: dict[tuple[str, str, str], list[int]] = {}
         self.stored_bytes = 0  # sum of nbytes of entries held; writer-thread owned
@@ -255,8 +290,8 @@ class WriteAheadQueue:
         if self._closed:
             return
         self._closed = True
-        if self._commit_task is not None:
-            await asyncio.gather(self._commit_task, return_exceptions=True)
+        if self._pending:  # let the commit in flight finish and report
+            await self._writer.run(lambda: None)
         await self._close_connections()
         self._release_lock()
 
@@ -371,11 +406,13 @@ class WriteAheadQueue:
                 f"queue {self.path} holds {self.stored_bytes} bytes; "
                 f"{nbytes} more would pass the cap of {self.max_bytes}"
             )
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
         self._pending.append(_AppendRequest(split_key(key), rows, nbytes, future))
         self._queued_bytes += nbytes
-        if self._commit_task is None or self._commit_task.done():
-            self._commit_task = asyncio.create_task(self._commit_loop())
+        # Group commit: the first job to run takes every request pending by then;
+        # the jobs behind it find the deque empty and return at once.
+        self._writer.submit(lambda: self._commit_pending(loop))
         return await future
 
     def would_overflow(self, nbytes: int) -> bool:
@@ -383,32 +420,37 @@ class WriteAheadQueue:
             self.stored_bytes + self._queued_bytes + nbytes > self.max_bytes
         )
 
-    async def _commit_loop(self) -> None:
+    def _commit_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Writer thread: commit every pending append in one transaction, then report
+        back to the event loop in one call."""
+        group: list[_AppendRequest] = []
         while self._pending:
-            group, self._pending = self._pending, []
-            try:
-                results = await self._writer.run(self._commit_group, group)
-            except sqlite3.OperationalError as exc:
-                error: Exception = exc
-                if "full" in str(exc).lower():
-                    error = QueueFullError(f"the disk holding queue {self.path} is full")
-                for request in group:
-                    if not request.future.done():
-                        request.future.set_exception(error)
-            except BaseException as exc:
-                for request in group:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                for request, accepted in zip(group, results, strict=True):
-                    if not request.future.done():
-                        request.future.set_result(accepted)
-                if self.on_commit is not None:
-                    self.on_commit()
-            finally:
-                self._queued_bytes -= sum(r.nbytes for r in group)
+            group.append(self._pending.popleft())
+        if not group:
+            return
+        try:
+            results = self._commit_group(group)
+        except sqlite3.OperationalError as exc:
+            error: BaseException = exc
+            if "full" in str(exc).lower():
+                error = QueueFullError(f"the disk holding queue {self.path} is full")
+            loop.call_soon_threadsafe(self._report, group, None, error)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(self._report, group, None, exc)
+        else:
+            loop.call_soon_threadsafe(self._report, group, results, None)
+
+    def _report(
+        self,
+        group: list[_AppendRequest],
+        results: list[int] | None,
+        error: BaseException | None,
+    ) -> None:
+        self._queued_bytes -= sum(r.nbytes for r in group)
+        for i, request in enumerate(group):
+            _settle(request.future, None if results is None else results[i], error)
+        if results is not None and self.on_commit is not None:
+            self.on_commit()
 
     def _commit_group(self, group: list[_AppendRequest]) -> list[int]:
         conn = self._writer.conn
@@ -421,7 +463,7 @@ class WriteAheadQueue:
             for request in group:
                 state = touched.get(request.key) or self._key_state(request.key, now)
                 key_id, next_seq = state
-                rows = self._drop_known_uuids(key_id, request.rows)
+                rows = self._claim_uuids(key_id, request.rows)
                 conn.executemany(
                     "INSERT INTO entries (key_id, seq, appended_at, nbytes, body)"
                     " VALUES (?, ?, ?, ?, ?)",
@@ -429,10 +471,6 @@ class WriteAheadQueue:
                         (key_id, next_seq + i, now, len(body), body)
                         for i, (_, body) in enumerate(rows)
                     ],
-                )
-                conn.executemany(
-                    "INSERT INTO uuids (key_id, uuid) VALUES (?, ?)",
-                    [(key_id, uuid) for uuid, _ in rows if uuid is not None],
                 )
                 touched[request.key] = [key_id, next_seq + len(rows)]
                 added_bytes += sum(len(body) for _, body in rows)
@@ -474,31 +512,14 @@ class WriteAheadQueue:
         )
         return [key_id, 0]
 
-    def _drop_known_uuids(
+    def _claim_uuids(
         self, key_id: int, rows: list[tuple[str | None, bytes]]
     ) -> list[tuple[str | None, bytes]]:
-        uuids = [uuid for uuid, _ in rows if uuid is not None]
-        if not uuids:
-            return rows
-        known: set[str] = set()
-        for start in range(0, len(uuids), 500):
-            chunk = uuids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            known.update(
-                r[0]
-                for r in self._writer.conn.execute(
-                    f"SELECT uuid FROM uuids WHERE key_id = ? AND uuid IN ({marks})",
-                    (key_id, *chunk),
-                )
-            )
-        kept: list[tuple[str | None, bytes]] = []
-        for uuid, body in rows:
-            if uuid is not None:
-                if uuid in known:
-                    continue
-                known.add(uuid)  # a uuid repeated inside one batch is kept once
-            kept.append((uuid, body))
-        return kept
+        """Record each row's uuid in the key's ledger; drop the rows whose uuid was
+        there already (including a uuid repeated inside the batch)."""
+        insert = "INSERT OR IGNORE INTO uuids (key_id, uuid) VALUES (?, ?)"
+        execute = self._writer.conn.execute
+        return [row for row in rows if row[0] is None or execute(insert, (key_id, row[0])).rowcount]
 
     # -- the flusher's view ------------------------------------------------
 
