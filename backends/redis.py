@@ -1,0 +1,884 @@
+"""``RedisStore``: session transcripts in Redis, appended by an offset-checking Lua script.
+
+Storage layout, for a ``prefix`` P (default ``"walmirror"``) and the encoded key
+parts ``<project>``, ``<session>`` and ``<subpath>``::
+
+    P:t:{<project>}:<session>             LIST  main transcript: one entry per element
+    P:u:{<project>}:<session>:<subpath>   LIST  subagent transcript ("subagents/agent-1")
+    P:k:{<project>}:<session>             SET   encoded subpaths of the session's subagent lists
+    P:m:{<project>}:<session>             HASH  summary: data (JSON of the fold's ``data``),
+                                                mtime (epoch ms), folded (entries it covers),
+                                                v (version token of the last summary write)
+    P:i:{<project>}                       ZSET  session index: session_id -> mtime (epoch ms)
+                                                of the main transcript's last append
+
+An element is one entry as canonical JSON: ``json.dumps(entry, ensure_ascii=False,
+separators=(",", ":"), allow_nan=False)`` in UTF-8, the bytes ``FileStore`` writes
+as a line and walmirror's queue keeps.
+
+Key encoding. Every part is percent-encoded as UTF-8: each byte outside
+``A-Z a-z 0-9 - . _ ~`` becomes ``%XX`` (upper-case hex), as
+``urllib.parse.quote(part, safe="")`` does, and the subpath is encoded whole (its
+``/`` become ``%2F``). ``%`` is encoded too, so the encoding is injective, and
+an encoded part never contains ``:``, ``/``, ``{`` or ``}``: the ``:`` separators
+and the ``{}`` hash tag cannot be forged, so two different keys never share a
+Redis key and no part can reach into another key's name. The prefix may hold
+only ``A-Z a-z 0-9 _ . - : /`` (no braces), so the first ``{`` of a name marks
+where prefix and one-letter type end: different prefixes never collide either.
+Index members are raw session ids (a member is one whole value, never parsed).
+The ``{<project>}`` hash tag keeps a project's keys in one Redis Cluster slot,
+so every script touches a single slot (the client here is a plain
+``redis.asyncio.Redis``; the layout is ready for Cluster). The delete script
+also deletes the subagent lists its SET names: names it builds itself, in the
+same slot, but not declared in ``KEYS``.
+
+Offsets (``walmirror.backend``). One EVALSHA per call: the script reads the
+list's length, refuses a gap (``OffsetGapError``), compares the overlap with
+what is stored and ``RPUSH``es the new suffix, atomically. The overlap check is
+byte equality of the canonical JSON in the script; only when bytes differ does
+the script return the stored overlap, and Python compares the parsed JSON
+(deep equality, Python ``==``): an entry re-serialised with another key order is
+still a repeat, a different entry is an ``OffsetConflictError`` and nothing is
+written. A plain ``append`` is the same script at "whatever the length is".
+
+Summaries, folded exactly once with the SDK's ``fold_session_summary`` (main
+keys only). The store remembers, per session, the last summary it wrote and its
+version token ``v``. Before an append it folds the batch into that summary and
+sends the result along; the script stores it in the same atomic step only if
+the batch was appended whole (no overlap) at the length the stored summary
+covers (``folded``) and the stored version is the one that fold started from.
+That is the steady state of one writer: one round trip, summary and transcript
+in one atomic step. Otherwise (a repeat, another writer, a fresh process, a
+summary left behind by a crash) the append lands alone and the summary is
+caught up with an optimistic transaction: ``WATCH`` the list and the summary,
+read ``folded`` and the entries after it, fold them, ``MULTI``/``HSET``/``EXEC``,
+retry on a conflict. Each entry is folded once whatever the interleaving; a
+failed catch-up is logged, not raised (the entries are stored; raising would
+make the SDK resend them), and the next append catches up.
+
+Clock: ``mtime`` comes from the server's ``TIME`` inside the script, never below
+the session's previous mtime; the summary is stamped with the mtime of the
+transcript state it covers, so it shares ``list_sessions``' clock and equals it
+when up to date (an older summary mtime honestly says "stale").
+
+Retention: Redis keys here never expire unless ``ttl`` is given; ``delete()``
+removes a session (a main key takes its subagent lists, SET, summary and index
+entry with it; a subpath key only its own list). With ``ttl=seconds`` every key
+an append touches gets that TTL again (sliding expiry of idle sessions), stale
+index members are pruned, and listings skip what has expired. Choose a ``ttl``
+far beyond any session's idle time: a key expiring under a live session makes
+walmirror park it with ``OffsetGapError``. Redis must not evict: run it with
+``maxmemory-policy noeviction`` (an ``allkeys-*`` policy, or ``volatile-*`` with
+``ttl``, drops transcripts silently when memory fills) and with AOF
+(``appendonly yes``, ``appendfsync always`` for walmirror's durability);
+``check_server()`` reports what it finds, for ``verify``/``status``.
+
+Round trips: ``append_at`` and ``append`` are one EVALSHA each (plus the
+catch-up transaction in the cases above); ``append_at(..., encoded=...)`` takes
+the queue's JSON bytes and ``RPUSH``es them without serialising again. ``load``
+reads ``LRANGE`` chunks of 2000; listings pipeline their per-session reads.
+
+Client: ``redis.asyncio.Redis`` with ``decode_responses=False``. ``from_url``
+turns off redis-py's own retries (walmirror retries with offsets; a hidden
+retry of a plain ``append`` whose reply was lost would store it twice) and
+speaks RESP2 (see ``from_url``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import count
+from typing import Any, cast
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from claude_agent_sdk import fold_session_summary
+from claude_agent_sdk.types import (
+    SessionKey,
+    SessionListSubkeysKey,
+    SessionStore,
+    SessionStoreEntry,
+    SessionStoreListEntry,
+    SessionSummaryEntry,
+)
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError, WatchError
+
+from walmirror.errors import (
+    InvalidEntryError,
+    InvalidKeyError,
+    OffsetConflictError,
+    OffsetGapError,
+    PermanentBackendError,
+    WalmirrorError,
+)
+from walmirror.keys import describe_key, validate_key, validate_project_key
+
+__all__ = ["DEFAULT_PREFIX", "CorruptTranscriptError", "RedisStore", "WrongTypeError"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "walmirror"
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,100}")
+_CHUNK = 2000  # list elements (or sessions) per read
+_CAS_ATTEMPTS = 50  # optimistic summary transactions before giving up until the next append
+_CACHE_SIZE = 4096  # sessions whose last summary this store remembers
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+# KEYS: transcript LIST, then index ZSET + summary HASH (main key) or subkey SET (subpath).
+# ARGV: offset (-1: at the end), member (session id or encoded subpath), ttl ms (0: none),
+#       summary version the pre-folded summary starts from ('-': none sent),
+#       pre-folded summary data, its new version, then the entries.
+_APPEND_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local list = KEYS[1]
+local len = redis.call('LLEN', list)
+local off = tonumber(ARGV[1])
+if off < 0 then off = len end
+if off > len then return {'gap', len} end
+local first = 7
+local n = #ARGV - first + 1
+local overlap = math.min(len - off, n)
+if overlap > 0 then
+  local stored = redis.call('LRANGE', list, off, off + overlap - 1)
+  for i = 1, overlap do
+    if stored[i] ~= ARGV[first + i - 1] then
+      local reply = {'differ', len}
+      for j = 1, overlap do reply[j + 2] = stored[j] end
+      return reply
+    end
+  end
+end
+local i = first + overlap
+while i <= #ARGV do
+  local j = math.min(i + 999, #ARGV)
+  redis.call('RPUSH', list, unpack(ARGV, i, j))
+  i = j + 1
+end
+local added = n - overlap
+local newlen = len + added
+local ttl = tonumber(ARGV[3])
+if #KEYS == 2 then
+  if added > 0 then
+    redis.call('SADD', KEYS[2], ARGV[2])
+    if ttl > 0 then
+      redis.call('PEXPIRE', list, ttl)
+      redis.call('PEXPIRE', KEYS[2], ttl)
+    end
+  end
+  return {'ok', newlen, len}
+end
+local index, summary = KEYS[2], KEYS[3]
+local mtime = tonumber(redis.call('ZSCORE', index, ARGV[2]) or '0')
+if added > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if now > mtime then mtime = now end
+  redis.call('ZADD', index, string.format('%d', mtime), ARGV[2])
+  if ttl > 0 then
+    redis.call('PEXPIRE', list, ttl)
+    redis.call('PEXPIRE', index, ttl)
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. string.format('%d', mtime - ttl))
+  end
+end
+local folded = tonumber(redis.call('HGET', summary, 'folded') or '0')
+local version = redis.call('HGET', summary, 'v') or ''
+if added > 0 and overlap == 0 and ARGV[4] ~= '-' and folded == len and version == ARGV[4] then
+  redis.call('HSET', summary, 'data', ARGV[5], 'mtime', string.format('%d', mtime),
+             'folded', newlen, 'v', ARGV[6])
+  if ttl > 0 then redis.call('PEXPIRE', summary, ttl) end
+  return {'folded', newlen, len, mtime}
+end
+return {'ok', newlen, len, mtime, folded}
+"""
+
+# KEYS: main transcript LIST, summary HASH, subkey SET, index ZSET.
+# ARGV: session id, name prefix of the session's subagent lists.
+_DELETE_LUA = """
+local subs = redis.call('SMEMBERS', KEYS[3])
+for _, s in ipairs(subs) do redis.call('DEL', ARGV[2] .. s) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return #subs
+"""
+
+
+class CorruptTranscriptError(WalmirrorError):
+    """An element of a transcript list is not a JSON object (``RedisStore`` never writes one)."""
+
+
+class WrongTypeError(PermanentBackendError):
+    """A key this store uses holds a Redis type it did not write (another program's key)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Names:
+    """The Redis names one ``SessionKey`` touches."""
+
+    transcript: str  # this key's LIST
+    index: str  # the project's ZSET
+    subkeys: str  # the session's SET of encoded subpaths
+    summary: str  # the session's HASH
+    sub_prefix: str  # name prefix of the session's subagent LISTs
+    member: str  # session id (main key) or encoded subpath
+
+
+@dataclass(frozen=True, slots=True)
+class _Prefold:
+    """A batch folded ahead of its append, for the script to store with it."""
+
+    base_version: str  # version of the stored summary the fold starts from ("": none)
+    data: dict[str, Any]
+    data_json: bytes
+    version: str  # version the script stores with it
+
+
+@dataclass(frozen=True, slots=True)
+class _Folded:
+    """The last summary this store wrote for a session: what the next fold starts from."""
+
+    folded: int
+    data: dict[str, Any]
+    version: str
+
+
+class RedisStore(SessionStore):
+    """A ``SessionStore`` (and offset-aware backend) keeping transcripts in Redis.
+
+    ``client`` is a ``redis.asyncio.Redis`` built with ``decode_responses=False``
+    (the default); the store does not close a client it was given. ``prefix``
+    namespaces every key (letters, digits, ``_ . - : /``). ``ttl`` (seconds)
+    gives every key a sliding expiry, refreshed by each append; ``None`` keeps
+    keys until ``delete()``.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        ttl: float | None = None,
+    ) -> None:
+        if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+            raise ValueError(
+                "prefix must be 1-100 characters of A-Z a-z 0-9 _ . - : / (no braces or spaces)"
+            )
+        if ttl is not None and (isinstance(ttl, bool) or not 0 < ttl < 10**12):
+            raise ValueError("ttl must be a positive number of seconds, or None")
+        kwargs = client.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
+            raise ValueError("RedisStore needs a client with decode_responses=False")
+        self._client = client
+        self._redis: Any = client  # redis-py's command stubs are overloaded sync/async
+        self._prefix = prefix
+        self._ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
+        self._owns_client = False
+        self._append_script = client.register_script(_APPEND_LUA)
+        self._delete_script = client.register_script(_DELETE_LUA)
+        self._summaries: OrderedDict[tuple[str, str], _Folded] = OrderedDict()
+        self._version_base = secrets.token_hex(6)
+        self._versions = count(1)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        prefix: str | None = None,
+        *,
+        ttl: float | None = None,
+        **client_kwargs: Any,
+    ) -> RedisStore:
+        """A store on a client built from ``url`` (``redis://``, ``rediss://`` or ``unix://``).
+
+        ``prefix`` and ``ttl`` may also come as query parameters
+        (``redis://host:6379/0?prefix=team-a&ttl=2592000``); the other query
+        parameters and ``client_kwargs`` go to ``redis.asyncio.Redis.from_url``.
+        redis-py's retries are off unless ``retry=`` is passed, and the client
+        speaks RESP2 unless ``protocol=3`` is passed. ``aclose()``
+        closes the client. Error messages never repeat the URL (it may hold a
+        password).
+        """
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("redis", "rediss", "unix"):
+            raise ValueError("RedisStore URLs start with redis://, rediss:// or unix://")
+        query: list[tuple[str, str]] = []
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name == "prefix":
+                if prefix is not None and prefix != value:
+                    raise ValueError("prefix given both in the URL and as an argument")
+                prefix = value
+            elif name == "ttl":
+                if ttl is not None:
+                    raise ValueError("ttl given both in the URL and as an argument")
+                try:
+                    ttl = float(value)
+                except ValueError:
+                    raise ValueError("ttl in the URL must be a number of seconds") from None
+            else:
+                query.append((name, value))
+        if client_kwargs.get("decode_responses"):
+            raise ValueError("RedisStore needs decode_responses=False")
+        client_kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+        # RESP3 (redis-py 8's default) turns on maintenance notifications in "auto"
+        # mode, which skips the pool's check for connections the server closed:
+        # after a Redis restart the first command on each pooled connection fails.
+        client_kwargs.setdefault("protocol", 2)
+        client = aioredis.Redis.from_url(
+            urlunsplit(parts._replace(query=urlencode(query))), **client_kwargs
+        )
+        store = cls(client, DEFAULT_PREFIX if prefix is None else prefix, ttl=ttl)
+        store._owns_client = True
+        return store
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def ttl(self) -> float | None:
+        return self._ttl_ms / 1000 if self._ttl_ms else None
+
+    @property
+    def cursor_name(self) -> str:
+        """How a walmirror queue names its cursor for this backend, without credentials:
+        ``redis://host:port/db/prefix`` (``rediss://`` over TLS)."""
+        pool = self._client.connection_pool
+        kwargs = pool.connection_kwargs
+        db = kwargs.get("db", 0)
+        path = kwargs.get("path")
+        if path:
+            return f"unix://{path}?db={db}&prefix={self._prefix}"
+        host = str(kwargs.get("host", "localhost"))
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "rediss" if issubclass(pool.connection_class, aioredis.SSLConnection) else "redis"
+        return f"{scheme}://{host}:{kwargs.get('port', 6379)}/{db}/{self._prefix}"
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.cursor_name!r})"
+
+    async def aclose(self) -> None:
+        """Close the client if this store built it (``from_url``)."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def close(self) -> None:
+        await self.aclose()
+
+    async def __aenter__(self) -> RedisStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------
+    # SessionStore
+    # ------------------------------------------------------------------
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        """Append ``entries`` at the key's current end (one atomic script call)."""
+        k, names = self._check_key(key)
+        lines = _serialise(k, entries)
+        if lines:
+            await self._append(k, names, None, list(entries), lines)
+
+    async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
+        """All entries of ``key`` in order (read in chunks), or ``None`` if it holds none."""
+        k, names = self._check_key(key)
+        raw = await _lrange(self._redis, names.transcript, 0, None)
+        if not raw:
+            return None
+        return _parse(k, 0, raw)
+
+    async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
+        """Main transcripts of the project, from the session index; ``mtime`` in epoch ms."""
+        rows = await self._index(validate_project_key(project_key))
+        return [{"session_id": sid, "mtime": mtime} for sid, mtime in rows]
+
+    async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
+        """The stored summaries of the project's sessions (one pipelined read per chunk)."""
+        pk = validate_project_key(project_key)
+        sessions = [sid for sid, _ in await self._index(pk)]
+        summaries: list[SessionSummaryEntry] = []
+        for start in range(0, len(sessions), _CHUNK):
+            chunk = sessions[start : start + _CHUNK]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in chunk:
+                    pipe.hmget(self._names(pk, sid).summary, ["data", "mtime"])
+                rows = await pipe.execute()
+            for sid, (data, mtime) in zip(chunk, rows, strict=True):
+                summary = _summary_from(sid, data, mtime)
+                if summary is not None:
+                    summaries.append(summary)
+        return summaries
+
+    async def delete(self, key: SessionKey) -> None:
+        """Delete a transcript; a main key takes its subagent lists, summary and index entry."""
+        k, names = self._check_key(key)
+        if "subpath" in k:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(names.transcript)
+                pipe.srem(names.subkeys, names.member)
+                await pipe.execute()
+            return
+        self._summaries.pop((k["project_key"], k["session_id"]), None)
+        await self._run(
+            self._delete_script,
+            k,
+            [names.transcript, names.summary, names.subkeys, names.index],
+            [k["session_id"], names.sub_prefix],
+        )
+        self._summaries.pop((k["project_key"], k["session_id"]), None)
+
+    async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
+        """Subpaths of the session's subagent transcripts that hold entries, sorted."""
+        k, names = self._check_key(key)  # a stray subpath is validated, then ignored
+        candidates: list[tuple[str, str]] = []  # (encoded member, subpath)
+        for member in await self._redis.smembers(names.subkeys):
+            try:
+                encoded = member.decode("ascii")
+                subpath = unquote(encoded, errors="strict")
+                validate_key({**k, "subpath": subpath})
+                if _encode(subpath) != encoded:
+                    continue  # not in the one canonical form: not a member this store wrote
+            except (UnicodeError, InvalidKeyError):
+                continue
+            candidates.append((encoded, subpath))
+        if not candidates:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for encoded, _ in candidates:
+                pipe.exists(names.sub_prefix + encoded)
+            alive = await pipe.execute()
+        # A member whose list is gone expired (ttl) or was evicted.
+        subkeys = [
+            subpath for (_, subpath), exists in zip(candidates, alive, strict=True) if exists
+        ]
+        return sorted(subkeys)
+
+    # ------------------------------------------------------------------
+    # Offset interface (walmirror.backend.OffsetStore)
+    # ------------------------------------------------------------------
+
+    async def append_at(
+        self,
+        key: SessionKey,
+        offset: int,
+        entries: list[SessionStoreEntry],
+        *,
+        encoded: Sequence[bytes] | None = None,
+    ) -> int:
+        """Store ``entries`` at ``offset``; see ``walmirror.backend``. Returns the new length.
+
+        ``encoded``, when given, is each entry's JSON text as UTF-8 bytes (what
+        walmirror's queue holds: the same canonical form this store writes), and
+        is stored as is instead of serialising ``entries`` again. Entries are
+        then only read for the summary fold (main keys).
+        """
+        k, names = self._check_key(key)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"{describe_key(k)}: offset must be a non-negative int")
+        if encoded is None:
+            lines = _serialise(k, entries)
+        else:
+            lines = list(encoded)
+            if len(lines) != len(entries) or not all(isinstance(b, bytes) for b in lines):
+                raise ValueError(f"{describe_key(k)}: encoded must hold one bytes object per entry")
+        return await self._append(k, names, offset, list(entries), lines)
+
+    async def length(self, key: SessionKey) -> int:
+        """How many entries ``key`` holds (0 if never written or deleted)."""
+        _, names = self._check_key(key)
+        return int(await self._redis.llen(names.transcript))
+
+    # ------------------------------------------------------------------
+    # Server health
+    # ------------------------------------------------------------------
+
+    async def check_server(self) -> list[str]:
+        """Warnings about server settings that can lose acknowledged transcripts silently.
+
+        Checks the eviction policy (``INFO memory``) and persistence (``INFO
+        persistence``, and ``CONFIG GET`` where the server allows it). Empty when
+        nothing is wrong. Connection errors propagate.
+        """
+        warnings: list[str] = []
+        memory = await self._redis.info("memory")
+        persistence = await self._redis.info("persistence")
+        policy = str(memory.get("maxmemory_policy", "unknown"))
+        maxmemory = int(memory.get("maxmemory", 0) or 0)
+        limit = f"maxmemory {maxmemory} bytes" if maxmemory else "maxmemory not set yet"
+        if policy.startswith("allkeys-") or (policy.startswith("volatile-") and self._ttl_ms):
+            warnings.append(
+                f"redis maxmemory-policy is {policy} ({limit}): when memory fills, Redis "
+                "evicts transcript keys without any error (silent loss); set "
+                "maxmemory-policy noeviction so writes fail loudly and walmirror retries"
+            )
+        config: dict[str, str] = {}
+        try:
+            for name in ("save", "appendfsync"):
+                reply = await self._redis.config_get(name)
+                config.update({_text(a): _text(b) for a, b in reply.items()})
+        except ResponseError:
+            pass  # CONFIG is disabled on many managed servers
+        if not int(persistence.get("aof_enabled", 0) or 0):
+            if config.get("save") == "":
+                warnings.append(
+                    'redis has no persistence (appendonly no, save ""): a restart loses '
+                    "every transcript; enable appendonly with appendfsync always"
+                )
+            else:
+                warnings.append(
+                    "redis appendonly is off: a crash or restart loses writes made since the "
+                    "last RDB snapshot; enable appendonly with appendfsync always"
+                )
+        elif config.get("appendfsync", "always") != "always":
+            warnings.append(
+                f"redis appendfsync is {config['appendfsync']}: a host crash or power loss "
+                "can lose about a second of acknowledged writes; use appendfsync always"
+            )
+        return warnings
+
+    # ------------------------------------------------------------------
+    # Keys
+    # ------------------------------------------------------------------
+
+    def _check_key(self, key: Any) -> tuple[SessionKey, _Names]:
+        k = validate_key(key)
+        return k, self._names(k["project_key"], k["session_id"], k.get("subpath"))
+
+    def _names(self, project_key: str, session_id: str, subpath: str | None = None) -> _Names:
+        project, session = _encode(project_key), _encode(session_id)
+        base = f"{{{project}}}:{session}"
+        p = self._prefix
+        sub_prefix = f"{p}:u:{base}:"
+        if subpath is None:
+            transcript, member = f"{p}:t:{base}", session_id
+        else:
+            member = _encode(subpath)
+            transcript = sub_prefix + member
+        return _Names(
+            transcript=transcript,
+            index=f"{p}:i:{{{project}}}",
+            subkeys=f"{p}:k:{base}",
+            summary=f"{p}:m:{base}",
+            sub_prefix=sub_prefix,
+            member=member,
+        )
+
+    # ------------------------------------------------------------------
+    # Appending
+    # ------------------------------------------------------------------
+
+    async def _append(
+        self,
+        key: SessionKey,
+        names: _Names,
+        offset: int | None,
+        entries: list[SessionStoreEntry],
+        lines: list[bytes],
+    ) -> int:
+        main = "subpath" not in key
+        off = -1 if offset is None else offset
+        while True:
+            if main:
+                keys = [names.transcript, names.index, names.summary]
+                pre = self._prefold(key, off, entries)
+                head: list[Any] = [off, names.member, self._ttl_ms, "-", b"", ""]
+                if pre is not None:
+                    head[3:] = [pre.base_version, pre.data_json, pre.version]
+            else:
+                keys = [names.transcript, names.subkeys]
+                pre = None
+                head = [off, names.member, self._ttl_ms, "-", b"", ""]
+            reply = await self._run(self._append_script, key, keys, [*head, *lines])
+            status = _text(reply[0])
+            if status == "gap":
+                raise OffsetGapError(describe_key(key), off, int(reply[1]))
+            if status == "differ":
+                length, stored = int(reply[1]), reply[2:]
+                if not _same_entries(stored, lines):
+                    raise OffsetConflictError(describe_key(key), off, length)
+                # A repeat serialised differently: append the rest after what is stored.
+                entries, lines, off = entries[len(stored) :], lines[len(stored) :], length
+                continue
+            new_length = int(reply[1])
+            if status == "folded" and pre is not None:
+                self._remember(key, _Folded(new_length, pre.data, pre.version))
+            elif main and int(reply[4]) != new_length:
+                await self._catch_up_safely(key, names)
+            return new_length
+
+    def _prefold(
+        self, key: SessionKey, offset: int, entries: list[SessionStoreEntry]
+    ) -> _Prefold | None:
+        """``entries`` folded into the summary this store last wrote, when worth sending."""
+        if not entries:
+            return None
+        cached = self._summaries.get((key["project_key"], key["session_id"]))
+        prev: SessionSummaryEntry | None = None
+        if cached is None:
+            if offset > 0:
+                return None  # an existing session this store never folded: catch up instead
+            version = ""  # a new session: no summary stored yet
+        else:
+            if offset >= 0 and offset != cached.folded:
+                return None
+            prev = {"session_id": key["session_id"], "mtime": 0, "data": cached.data}
+            version = cached.version
+        data = fold_session_summary(prev, key, entries)["data"]
+        return _Prefold(version, data, _dumps(data), self._new_version())
+
+    def _remember(self, key: SessionKey, state: _Folded) -> None:
+        # Last write wins: a stale memory costs one slow path, never a wrong summary
+        # (the script checks the stored version before it takes a pre-folded one).
+        ident = (key["project_key"], key["session_id"])
+        self._summaries[ident] = state
+        self._summaries.move_to_end(ident)
+        while len(self._summaries) > _CACHE_SIZE:
+            self._summaries.popitem(last=False)
+
+    def _new_version(self) -> str:
+        return f"{self._version_base}-{next(self._versions):x}"
+
+    async def _run(self, script: Any, key: SessionKey, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                raise WrongTypeError(
+                    f"{describe_key(key)}: a Redis key of this session holds a type "
+                    "RedisStore did not write; another program uses this prefix"
+                ) from None
+            raise
+
+    # ------------------------------------------------------------------
+    # Summary catch-up (optimistic transaction)
+    # ------------------------------------------------------------------
+
+    async def _catch_up_safely(self, key: SessionKey, names: _Names) -> None:
+        """``_catch_up``, but a failure is logged, not raised: the entries are stored."""
+        try:
+            await self._catch_up(key, names)
+        except (RedisError, OSError, WalmirrorError, ValueError):
+            logger.warning(
+                "%s: could not update the session summary; the next append catches up",
+                describe_key(key),
+                exc_info=True,
+            )
+
+    async def _catch_up(self, key: SessionKey, names: _Names) -> None:
+        """Fold every stored entry the summary does not cover yet, exactly once."""
+        sid = key["session_id"]
+        for attempt in range(_CAS_ATTEMPTS):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(names.transcript, names.summary)
+                    length = int(await pipe.llen(names.transcript))
+                    folded_raw, data_raw, version_raw = await pipe.hmget(
+                        names.summary, ["folded", "data", "v"]
+                    )
+                    prev, folded = _stored_summary(sid, folded_raw, data_raw)
+                    if folded > length:  # a summary of a list that is gone
+                        prev, folded = None, 0
+                    if folded == length:
+                        if length == 0 and folded_raw is not None:
+                            pipe.multi()
+                            pipe.delete(names.summary)
+                            await pipe.execute()
+                        elif prev is not None:
+                            version = _text(version_raw) if version_raw is not None else ""
+                            self._remember(key, _Folded(folded, prev["data"], version))
+                        return
+                    score = await pipe.zscore(names.index, sid)
+                    if score is None:
+                        seconds, micros = await pipe.time()
+                        score = seconds * 1000 + micros // 1000
+                    missing = _parse(
+                        key, folded, await _lrange(pipe, names.transcript, folded, length)
+                    )
+                    summary = fold_session_summary(prev, key, missing)
+                    version = self._new_version()
+                    pipe.multi()
+                    pipe.hset(
+                        names.summary,
+                        mapping={
+                            "data": _dumps(summary["data"]),
+                            "mtime": int(score),
+                            "folded": length,
+                            "v": version,
+                        },
+                    )
+                    if self._ttl_ms:
+                        pipe.pexpire(names.summary, self._ttl_ms)
+                    await pipe.execute()
+                    self._remember(key, _Folded(length, summary["data"], version))
+                    return
+                except WatchError:
+                    await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        logger.warning(
+            "%s: summary update lost %d optimistic races; the next append catches up",
+            describe_key(key),
+            _CAS_ATTEMPTS,
+        )
+
+    # ------------------------------------------------------------------
+    # Index
+    # ------------------------------------------------------------------
+
+    async def _index(self, project_key: str) -> list[tuple[str, int]]:
+        """(session id, mtime) of the project's live sessions."""
+        index = self._names(project_key, "-").index
+        rows: list[tuple[bytes, float]] = []
+        now_ms = 0
+        start = 0
+        while True:
+            if self._ttl_ms and start == 0:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.time()
+                    pipe.zrange(index, start, start + _CHUNK - 1, withscores=True)
+                    (seconds, micros), chunk = await pipe.execute()
+                now_ms = seconds * 1000 + micros // 1000
+            else:
+                chunk = await self._redis.zrange(index, start, start + _CHUNK - 1, withscores=True)
+            rows.extend(chunk)
+            if len(chunk) < _CHUNK:
+                break
+            start += _CHUNK
+        cutoff = now_ms - self._ttl_ms if self._ttl_ms else None
+        listed: list[tuple[str, int]] = []
+        for member, score in rows:
+            if cutoff is not None and score < cutoff:
+                continue  # expired; the next append to the project prunes it
+            try:
+                sid = member.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            listed.append((sid, int(score)))
+        return listed
+
+
+# ----------------------------------------------------------------------
+# Helpers without state
+# ----------------------------------------------------------------------
+
+
+def _encode(part: str) -> str:
+    try:
+        return quote(part, safe="", errors="strict")
+    except UnicodeEncodeError:
+        raise InvalidKeyError("session key parts must be valid Unicode text") from None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _dumps(value: Any) -> bytes:
+    return _ENCODER.encode(value).encode()
+
+
+def _serialise(key: SessionKey, entries: list[SessionStoreEntry]) -> list[bytes]:
+    """One canonical JSON text per entry, or ``InvalidEntryError`` naming only index and type."""
+    if not isinstance(entries, list):
+        raise InvalidEntryError(f"{describe_key(key)}: entries must be a list")
+    lines: list[bytes] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InvalidEntryError(
+                f"{describe_key(key)}: entry {i} is a {type(entry).__name__}, not a JSON object"
+            )
+        try:
+            lines.append(_dumps(entry))
+        except (TypeError, ValueError, RecursionError) as exc:
+            # The message of a json/encoding error can quote content; keep only its type.
+            raise InvalidEntryError(
+                f"{describe_key(key)}: entry {i} is not JSON-serialisable ({type(exc).__name__})"
+            ) from None
+    return lines
+
+
+def _same_entries(stored: list[bytes], incoming: list[bytes]) -> bool:
+    """Deep equality of the parsed JSON, pairwise over ``stored``."""
+    for old, new in zip(stored, incoming, strict=False):
+        if old == new:
+            continue
+        try:
+            if json.loads(old) != json.loads(new):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def _parse(key: SessionKey, first: int, raw: list[bytes]) -> list[SessionStoreEntry]:
+    entries: list[SessionStoreEntry] = []
+    for i, item in enumerate(raw):
+        try:
+            entry = json.loads(item)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            raise CorruptTranscriptError(
+                f"{describe_key(key)}: element {first + i} is not a JSON object"
+            )
+        entries.append(cast(SessionStoreEntry, entry))
+    return entries
+
+
+async def _lrange(client: Any, name: str, start: int, stop: int | None) -> list[bytes]:
+    """Elements ``start`` .. ``stop - 1`` (``None``: to the end), ``_CHUNK`` per call."""
+    items: list[bytes] = []
+    while stop is None or start < stop:
+        last = start + _CHUNK - 1 if stop is None else min(stop, start + _CHUNK) - 1
+        chunk = await client.lrange(name, start, last)
+        items.extend(chunk)
+        if len(chunk) < last - start + 1:
+            break
+        start = last + 1
+    return items
+
+
+def _stored_summary(
+    session_id: str, folded: bytes | None, data: bytes | None
+) -> tuple[SessionSummaryEntry | None, int]:
+    """The stored summary and how many entries it covers; ``(None, 0)`` if absent or bad."""
+    if folded is None or data is None:
+        return None, 0
+    try:
+        covered = int(folded)
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        logger.warning("summary of session %r is unreadable; it will be rebuilt", session_id)
+        return None, 0
+    return {"session_id": session_id, "mtime": 0, "data": parsed}, covered
+
+
+def _summary_from(
+    session_id: str, data: bytes | None, mtime: bytes | None
+) -> SessionSummaryEntry | None:
+    if data is None or mtime is None:
+        return None
+    try:
+        parsed = json.loads(data)
+        stamp = int(mtime)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    return {"session_id": session_id, "mtime": stamp, "data": parsed}

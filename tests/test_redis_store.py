@@ -1,0 +1,944 @@
+"""Tests for walmirror.backends.redis.RedisStore, against real Redis servers.
+
+Most tests use the machine's Redis on 127.0.0.1:6379, each under its own random
+key prefix, deleted afterwards. Tests that kill a server or change its settings
+start a private ``redis-server`` on a free port instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from claude_agent_sdk import fold_session_summary
+from claude_agent_sdk.testing.session_store_conformance import run_session_store_conformance
+from claude_agent_sdk.types import SessionKey
+
+from walmirror import DurableSessionStore
+from walmirror.backend import is_offset_aware
+from walmirror.backends import redis as redis_module
+from walmirror.backends.redis import CorruptTranscriptError, RedisStore, WrongTypeError
+from walmirror.errors import (
+    InvalidEntryError,
+    InvalidKeyError,
+    OffsetConflictError,
+    OffsetGapError,
+    PermanentBackendError,
+)
+from walmirror.faultproxy import FaultProxy
+
+HOST = os.environ.get("WALMIRROR_REDIS_HOST", "127.0.0.1")
+PORT = int(os.environ.get("WALMIRROR_REDIS_PORT", "6379"))
+URL = f"redis://{HOST}:{PORT}/0"
+
+KEY: SessionKey = {"project_key": "proj", "session_id": "sess"}
+SUB: SessionKey = {"project_key": "proj", "session_id": "sess", "subpath": "subagents/agent-1"}
+
+MakeStore = Callable[..., RedisStore]
+
+
+def entries(count: int, start: int = 0) -> list[Any]:
+    return [{"type": "user", "uuid": f"u{i}", "n": i} for i in range(start, start + count)]
+
+
+def skey(key: SessionKey) -> str:
+    return repr(sorted(key.items()))
+
+
+# --- Fixtures -------------------------------------------------------------
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the shared server, for looking behind the store's back."""
+    client = aioredis.Redis(host=HOST, port=PORT)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def prefix(raw: aioredis.Redis) -> AsyncIterator[str]:
+    """A fresh key prefix; every key under it is deleted after the test."""
+    name = f"wmtest:{uuid.uuid4().hex[:12]}"
+    yield name
+    async for key in raw.scan_iter(match=f"{name}:*", count=1000):
+        await raw.delete(key)
+
+
+@pytest.fixture
+async def make_store(prefix: str) -> AsyncIterator[MakeStore]:
+    """Build RedisStores (default: the shared server, the test's prefix); close them all."""
+    made: list[RedisStore] = []
+
+    def make(url: str = URL, sub: str | None = None, **kwargs: Any) -> RedisStore:
+        kwargs.setdefault("prefix", prefix if sub is None else f"{prefix}:{sub}")
+        store = RedisStore.from_url(url, **kwargs)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()
+
+
+@pytest.fixture
+def store(make_store: MakeStore) -> RedisStore:
+    return make_store()
+
+
+async def names_under(raw: aioredis.Redis, prefix: str) -> list[str]:
+    return sorted([k.decode() async for k in raw.scan_iter(match=f"{prefix}:*", count=1000)])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server subprocess of this test's own, which it may kill and restart."""
+
+    def __init__(self, directory: Path, *settings: str) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.settings = settings
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server must be installed (see .ci/run)"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            binary,
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)),
+            *("--daemonize", "no", "--save", "", "--appendonly", "no"),
+            *self.settings,  # later options win
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        client = aioredis.Redis(port=self.port, socket_connect_timeout=0.2)
+        try:
+            for _ in range(200):
+                with contextlib.suppress(OSError, aioredis.RedisError):
+                    if await client.ping():
+                        return
+                await asyncio.sleep(0.025)
+        finally:
+            await client.aclose()
+        raise RuntimeError(f"private redis-server on port {self.port} did not start")
+
+    async def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+            await self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """``await private_redis(*settings)`` starts a private server; all are killed at teardown."""
+    servers: list[PrivateRedis] = []
+
+    async def start(*settings: str) -> PrivateRedis:
+        server = PrivateRedis(tmp_path / f"redis-{len(servers)}", *settings)
+        servers.append(server)
+        await server.start()
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+# --- The SDK's contract ---------------------------------------------------
+
+
+async def test_passes_sdk_conformance_suite(make_store: MakeStore) -> None:
+    stores = itertools.count()
+    await run_session_store_conformance(lambda: make_store(sub=str(next(stores))))
+
+
+async def test_passes_sdk_conformance_suite_inside_durable_store(
+    make_store: MakeStore, make_durable: Callable[..., DurableSessionStore]
+) -> None:
+    stores = itertools.count()
+    await run_session_store_conformance(lambda: make_durable(make_store(sub=str(next(stores)))))
+
+
+def test_is_offset_aware(store: RedisStore) -> None:
+    assert is_offset_aware(store)
+
+
+# --- Layout, URL, names ----------------------------------------------------
+
+
+async def test_layout_is_the_documented_key_scheme(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    await store.append(KEY, [{"type": "user", "text": "héllo"}])
+    await store.append(SUB, entries(1))
+    assert await names_under(raw, prefix) == sorted(
+        [
+            f"{prefix}:t:{{proj}}:sess",
+            f"{prefix}:u:{{proj}}:sess:subagents%2Fagent-1",
+            f"{prefix}:k:{{proj}}:sess",
+            f"{prefix}:m:{{proj}}:sess",
+            f"{prefix}:i:{{proj}}",
+        ]
+    )
+    # One canonical JSON text per element, as FileStore writes a line.
+    assert await raw.lrange(f"{prefix}:t:{{proj}}:sess", 0, -1) == [
+        '{"type":"user","text":"héllo"}'.encode()
+    ]
+    assert await raw.smembers(f"{prefix}:k:{{proj}}:sess") == {b"subagents%2Fagent-1"}
+    summary = await raw.hgetall(f"{prefix}:m:{{proj}}:sess")
+    assert set(summary) == {b"data", b"mtime", b"folded", b"v"}
+    assert summary[b"folded"] == b"1"
+    score = await raw.zscore(f"{prefix}:i:{{proj}}", "sess")
+    assert score is not None and int(score) == int(summary[b"mtime"])
+
+
+def test_cursor_name_has_no_password(make_store: MakeStore, prefix: str) -> None:
+    store = make_store(f"redis://user:hunter2@{HOST}:{PORT}/3")
+    assert store.cursor_name == f"redis://{HOST}:{PORT}/3/{prefix}"
+    tls = make_store("rediss://:hunter2@cache.example:6380/0", prefix="team-a")
+    assert tls.cursor_name == "rediss://cache.example:6380/0/team-a"
+    assert "hunter2" not in repr(store) + repr(tls)
+
+
+def test_from_url_reads_prefix_and_ttl_from_query(make_store: MakeStore) -> None:
+    store = make_store(f"{URL}?prefix=team-b&ttl=60&socket_timeout=2", prefix=None)
+    assert (store.prefix, store.ttl) == ("team-b", 60.0)
+    assert store.client.connection_pool.connection_kwargs["socket_timeout"] == 2.0
+    # redis-py's own retries are off: walmirror retries with offsets.
+    assert store.client.get_retry().get_retries() == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("url", "kwargs"),
+    [
+        ("http://user:hunter2@host/0", {}),
+        ("redis://user:hunter2@host/0?prefix=a", {"prefix": "b"}),
+        ("redis://user:hunter2@host/0?ttl=soon", {}),
+        ("redis://user:hunter2@host/0", {"prefix": "has{brace}"}),
+        ("redis://user:hunter2@host/0", {"prefix": ""}),
+        ("redis://user:hunter2@host/0", {"ttl": 0}),
+        ("redis://user:hunter2@host/0", {"decode_responses": True}),
+    ],
+)
+def test_from_url_refuses_bad_arguments_without_echoing_the_url(
+    url: str, kwargs: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError) as info:
+        RedisStore.from_url(url, **kwargs)
+    assert "hunter2" not in str(info.value)
+
+
+async def test_client_with_decoded_responses_is_refused() -> None:
+    client = aioredis.Redis(host=HOST, port=PORT, decode_responses=True)
+    try:
+        with pytest.raises(ValueError, match="decode_responses"):
+            RedisStore(client)
+    finally:
+        await client.aclose()
+
+
+async def test_store_given_a_client_does_not_close_it(raw: aioredis.Redis, prefix: str) -> None:
+    store = RedisStore(raw, prefix)
+    await store.append(KEY, entries(1))
+    await store.aclose()
+    assert await raw.ping()
+
+
+# --- Offsets -----------------------------------------------------------------
+
+
+async def test_append_at_returns_new_length(store: RedisStore) -> None:
+    assert await store.append_at(KEY, 0, entries(2)) == 2
+    assert await store.append_at(KEY, 2, entries(3, start=2)) == 5
+    assert await store.length(KEY) == 5
+    assert await store.load(KEY) == entries(5)
+
+
+async def test_append_at_repeat_is_a_noop(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    await store.append_at(KEY, 0, entries(3))
+    name = f"{prefix}:t:{{proj}}:sess"
+    before = await raw.lrange(name, 0, -1)
+    [listed] = await store.list_sessions("proj")
+    assert await store.append_at(KEY, 0, entries(3)) == 3
+    assert await store.append_at(KEY, 1, entries(2, start=1)) == 3
+    assert await store.append_at(KEY, 3, []) == 3
+    assert await raw.lrange(name, 0, -1) == before
+    assert await store.list_sessions("proj") == [listed]  # a repeat is not a modification
+
+
+async def test_append_at_partial_overlap_appends_only_new_suffix(store: RedisStore) -> None:
+    await store.append_at(KEY, 0, entries(3))
+    assert await store.append_at(KEY, 1, entries(4, start=1)) == 5
+    assert await store.load(KEY) == entries(5)
+
+
+async def test_append_at_overlap_compares_parsed_json_not_bytes(store: RedisStore) -> None:
+    await store.append_at(KEY, 0, [{"type": "x", "a": 1, "b": [1, 2]}])
+    reordered = [{"b": [1, 2], "a": 1, "type": "x"}, {"type": "y"}]
+    assert await store.append_at(KEY, 0, reordered) == 2
+    assert await store.load(KEY) == [{"type": "x", "a": 1, "b": [1, 2]}, {"type": "y"}]
+
+
+async def test_append_at_conflicting_overlap_raises_and_changes_nothing(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    await store.append_at(KEY, 0, entries(3))
+    before = {name: await raw.dump(name) for name in await names_under(raw, prefix)}
+    different = [{**entries(1, start=2)[0], "n": 99}, {"type": "user", "uuid": "other"}]
+    with pytest.raises(OffsetConflictError) as info:
+        await store.append_at(KEY, 2, different)  # offsets 2 and 3; 2 differs
+    assert (info.value.offset, info.value.length) == (2, 3)
+    assert isinstance(info.value, PermanentBackendError)
+    assert {name: await raw.dump(name) for name in await names_under(raw, prefix)} == before
+
+
+async def test_append_at_gap_raises(store: RedisStore) -> None:
+    await store.append_at(KEY, 0, entries(2))
+    with pytest.raises(OffsetGapError) as info:
+        await store.append_at(KEY, 3, entries(1, start=3))
+    assert (info.value.offset, info.value.length) == (3, 2)
+    assert await store.length(KEY) == 2
+
+
+async def test_append_at_gap_on_unknown_key_creates_nothing(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    for key in (KEY, SUB):
+        with pytest.raises(OffsetGapError):
+            await store.append_at(key, 1, entries(1))
+    assert await names_under(raw, prefix) == []
+
+
+async def test_append_at_rejects_bad_offsets(store: RedisStore) -> None:
+    for offset in (-1, True, 1.0):
+        with pytest.raises(ValueError):
+            await store.append_at(KEY, offset, entries(1))  # type: ignore[arg-type]
+
+
+async def test_plain_append_continues_after_append_at(store: RedisStore) -> None:
+    await store.append_at(KEY, 0, entries(2))
+    await store.append(KEY, entries(1, start=2))
+    assert await store.append_at(KEY, 3, entries(1, start=3)) == 4
+    assert await store.load(KEY) == entries(4)
+
+
+async def test_overlap_with_another_writers_entries_raises_conflict(
+    make_store: MakeStore,
+) -> None:
+    mine, theirs = make_store(), make_store()
+    await mine.append_at(KEY, 0, entries(2))
+    await theirs.append_at(KEY, 2, entries(1, start=100))
+    with pytest.raises(OffsetConflictError):
+        await mine.append_at(KEY, 2, entries(1, start=2))
+
+
+async def test_encoded_entries_are_stored_as_given(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    batch = entries(2)
+    encoded = [b'{"type":"user","uuid":"u0","n":0}', b'{"type":"user","uuid":"u1","n":1}']
+    assert await store.append_at(KEY, 0, batch, encoded=encoded) == 2
+    assert await raw.lrange(f"{prefix}:t:{{proj}}:sess", 0, -1) == encoded
+    assert await store.load(KEY) == batch
+    # A repeat given as dicts is still a repeat.
+    assert await store.append_at(KEY, 0, batch) == 2
+    with pytest.raises(ValueError):
+        await store.append_at(KEY, 2, entries(2, start=2), encoded=encoded[:1])
+
+
+async def test_appends_in_one_round_trip_in_steady_state(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[str] = []
+    real = store.client.execute_command
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        commands.append(str(args[0]))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store.client, "execute_command", counting)
+    await store.append_at(KEY, 0, entries(2))
+    await store.append_at(KEY, 2, entries(3, start=2))
+    await store.append(KEY, entries(1, start=5))
+    await store.append_at(SUB, 0, entries(2))
+    assert commands == ["EVALSHA"] * 4
+    [summary] = await store.list_session_summaries("proj")
+    assert summary["data"] == fold_session_summary(None, KEY, entries(6))["data"]
+
+
+# --- Key encoding: no collisions, no escape ----------------------------------
+
+TRICKY: list[SessionKey] = [
+    {"project_key": "p:t", "session_id": "s"},
+    {"project_key": "p", "session_id": "t:s"},
+    {"project_key": "p", "session_id": "s"},
+    {"project_key": "p", "session_id": "s", "subpath": "a:b"},
+    {"project_key": "p", "session_id": "s:a", "subpath": "b"},
+    {"project_key": "p", "session_id": "s", "subpath": "a/b"},
+    {"project_key": "p", "session_id": "s", "subpath": "a%2Fb"},
+    {"project_key": "p", "session_id": "s", "subpath": "..a/b..c/...x"},
+    {"project_key": "{p}", "session_id": "s"},
+    {"project_key": "%7Bp%7D", "session_id": "s"},
+    {"project_key": "p}{", "session_id": "{s}"},
+    {"project_key": "проект", "session_id": "é"},
+    {"project_key": "проект", "session_id": "e\u0301"},  # NFD of the one above
+    {"project_key": "p", "session_id": "'; DROP TABLE sessions; --"},
+    {"project_key": "p", "session_id": "*", "subpath": "?/[ab]"},
+    {"project_key": "p*", "session_id": "s"},
+    {"project_key": "p", "session_id": "s", "subpath": "emoji/🦀:{x}%"},
+    {"project_key": "p p", "session_id": "s s"},
+]
+
+
+async def test_tricky_keys_each_land_in_their_own_key(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    for i, key in enumerate(TRICKY):
+        await store.append(key, [{"type": "x", "owner": i}])
+    for i, key in enumerate(TRICKY):
+        assert await store.load(key) == [{"type": "x", "owner": i}], key
+        assert await store.length(key) == 1
+    for project in {k["project_key"] for k in TRICKY}:
+        mains = {
+            k["session_id"] for k in TRICKY if k["project_key"] == project and "subpath" not in k
+        }
+        listed = await store.list_sessions(project)
+        assert sorted(s["session_id"] for s in listed) == sorted(mains), project
+        summaries = await store.list_session_summaries(project)
+        assert sorted(s["session_id"] for s in summaries) == sorted(mains), project
+    for key in TRICKY:
+        expected = sorted(
+            k["subpath"]
+            for k in TRICKY
+            if "subpath" in k
+            and (k["project_key"], k["session_id"]) == (key["project_key"], key["session_id"])
+        )
+        assert await store.list_subkeys(key) == expected, key
+    # Names are plain ASCII: nothing of a key part reaches the name unencoded.
+    for name in await names_under(raw, prefix):
+        tail = name[len(prefix) + 1 :]
+        assert tail.isascii() and tail.count("{") == 1 and tail.count("}") == 1, name
+
+
+async def test_deleting_one_tricky_session_leaves_the_others(store: RedisStore) -> None:
+    for i, key in enumerate(TRICKY):
+        await store.append(key, [{"type": "x", "owner": i}])
+    await store.delete({"project_key": "p", "session_id": "s"})
+    for i, key in enumerate(TRICKY):
+        gone = (key["project_key"], key["session_id"]) == ("p", "s")
+        assert await store.load(key) == (None if gone else [{"type": "x", "owner": i}]), key
+    assert await store.list_subkeys({"project_key": "p", "session_id": "s:a"}) == ["b"]
+    await store.delete({"project_key": "p", "session_id": "s:a", "subpath": "b"})
+    assert await store.list_subkeys({"project_key": "p", "session_id": "s:a"}) == []
+    assert await store.load({"project_key": "p", "session_id": "t:s"}) == [
+        {"type": "x", "owner": 1}
+    ]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        {"project_key": "proj", "session_id": "sess", "subpath": ""},
+        {"project_key": "proj", "session_id": "sess", "subpath": "../../escape"},
+        {"project_key": "proj", "session_id": "sess", "subpath": "a/../b"},
+        {"project_key": "proj", "session_id": ".."},
+        {"project_key": "proj", "session_id": "se\x00ss"},
+        {"project_key": "proj", "session_id": "sess", "subpath": "/etc/x"},
+        {"project_key": "a/b", "session_id": "sess"},
+        {"project_key": "", "session_id": "sess"},
+        {"project_key": "proj", "session_id": "lone-\ud800-surrogate"},
+        {"project_key": "proj", "session_id": "sess", "extra": "x"},
+    ],
+    ids=repr,
+)
+async def test_invalid_key_raises_and_creates_nothing(
+    store: RedisStore, raw: aioredis.Redis, prefix: str, key: Any
+) -> None:
+    calls = [
+        store.append(key, entries(1)),
+        store.append_at(key, 0, entries(1)),
+        store.length(key),
+        store.load(key),
+        store.delete(key),
+        store.list_subkeys(key),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidKeyError):
+            await call
+    assert await names_under(raw, prefix) == []
+
+
+@pytest.mark.parametrize("project_key", ["", "..", "a/b", "x\x00"])
+async def test_invalid_project_key_in_listings_raises(store: RedisStore, project_key: str) -> None:
+    with pytest.raises(InvalidKeyError):
+        await store.list_sessions(project_key)
+    with pytest.raises(InvalidKeyError):
+        await store.list_session_summaries(project_key)
+
+
+# --- Bad input, foreign data -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"type": "x", "secret": {1, 2}},
+        {"type": "x", "secret": float("nan")},
+        {"type": "x", "secret": "\ud800"},
+        {"type": "x", "secret": object()},
+        ["not", "a", "dict"],
+    ],
+    ids=["set", "nan", "lone-surrogate", "object", "list"],
+)
+async def test_unserialisable_entry_raises_and_writes_nothing(
+    store: RedisStore, raw: aioredis.Redis, prefix: str, bad: Any
+) -> None:
+    await store.append(KEY, entries(1))
+    before = await raw.lrange(f"{prefix}:t:{{proj}}:sess", 0, -1)
+    with pytest.raises(InvalidEntryError) as info:
+        await store.append(KEY, [*entries(1, start=1), bad])
+    assert "secret" not in str(info.value)
+    with pytest.raises(InvalidEntryError):
+        await store.append_at(KEY, 1, [*entries(1, start=1), bad])
+    assert await raw.lrange(f"{prefix}:t:{{proj}}:sess", 0, -1) == before
+
+
+async def test_corrupt_element_raises_without_content(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    await raw.rpush(f"{prefix}:t:{{proj}}:sess", b'{"type":"x"}', b"secret-garbage")
+    with pytest.raises(CorruptTranscriptError, match="element 1") as info:
+        await store.load(KEY)
+    assert "secret" not in str(info.value)
+
+
+async def test_foreign_key_type_is_a_permanent_error(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    await raw.set(f"{prefix}:t:{{proj}}:sess", b"someone else's string")
+    with pytest.raises(WrongTypeError) as info:
+        await store.append_at(KEY, 0, entries(1))
+    assert isinstance(info.value, PermanentBackendError)
+    assert "someone" not in str(info.value)
+
+
+# --- Reads in chunks, delete ------------------------------------------------
+
+
+async def test_reads_go_in_chunks(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_module, "_CHUNK", 3)
+    await store.append(KEY, entries(10))
+    assert await store.load(KEY) == entries(10)
+    sessions = [f"s{i}" for i in range(7)]
+    for sid in sessions:
+        await store.append({"project_key": "many", "session_id": sid}, entries(1))
+    assert sorted(s["session_id"] for s in await store.list_sessions("many")) == sessions
+    summaries = await store.list_session_summaries("many")
+    assert sorted(s["session_id"] for s in summaries) == sessions
+
+
+async def test_load_of_a_long_transcript(store: RedisStore) -> None:
+    batch = entries(5000)
+    assert await store.append_at(KEY, 0, batch) == 5000  # more than one RPUSH in the script
+    assert await store.load(KEY) == batch
+
+
+async def test_delete_of_main_key_cascades(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    other: SessionKey = {"project_key": "proj", "session_id": "other"}
+    await store.append(KEY, entries(2))
+    await store.append(SUB, entries(1))
+    await store.append({**KEY, "subpath": "subagents/agent-2"}, entries(1))
+    await store.append(other, entries(1))
+    await store.delete(KEY)
+    assert await names_under(raw, prefix) == sorted(
+        [f"{prefix}:t:{{proj}}:other", f"{prefix}:m:{{proj}}:other", f"{prefix}:i:{{proj}}"]
+    )
+    assert await store.length(KEY) == 0
+    assert [s["session_id"] for s in await store.list_session_summaries("proj")] == ["other"]
+    assert [s["session_id"] for s in await store.list_sessions("proj")] == ["other"]
+
+
+async def test_delete_of_subpath_keeps_main_transcript_and_summary(store: RedisStore) -> None:
+    await store.append(KEY, entries(2))
+    await store.append(SUB, entries(1))
+    await store.delete(SUB)
+    assert await store.load(SUB) is None
+    assert await store.list_subkeys(KEY) == []
+    assert await store.load(KEY) == entries(2)
+    assert len(await store.list_session_summaries("proj")) == 1
+
+
+# --- Summaries ----------------------------------------------------------------
+
+TITLED = [
+    [{"type": "user", "timestamp": "2024-01-01T00:00:00.000Z", "customTitle": "one"}],
+    [{"type": "user", "timestamp": "2024-01-01T00:00:01.000Z", "customTitle": "two"}],
+    [{"type": "user", "timestamp": "2024-01-01T00:00:02.000Z", "customTitle": "three"}],
+]
+
+
+def folded(batches: list[list[Any]], key: SessionKey = KEY) -> dict[str, Any]:
+    flat = [e for batch in batches for e in batch]
+    return fold_session_summary(None, key, flat)["data"]
+
+
+async def only_summary(store: RedisStore, project: str = "proj") -> dict[str, Any]:
+    summaries = await store.list_session_summaries(project)
+    assert len(summaries) == 1
+    return dict(summaries[0])
+
+
+async def test_summary_is_the_fold_of_all_entries(store: RedisStore) -> None:
+    for batch in TITLED:
+        await store.append(KEY, batch)
+    summary = await only_summary(store)
+    assert summary["data"] == folded(TITLED)
+    assert set(summary) == {"session_id", "mtime", "data"}
+    [listed] = await store.list_sessions("proj")
+    assert summary["mtime"] == listed["mtime"] > 1e12
+
+
+async def test_subpath_appends_do_not_touch_the_summary(store: RedisStore) -> None:
+    await store.append(KEY, TITLED[0])
+    before = await only_summary(store)
+    await store.append(SUB, TITLED[1])
+    assert await only_summary(store) == before
+    assert [s["session_id"] for s in await store.list_sessions("proj")] == ["sess"]
+
+
+async def test_repeats_never_fold_twice(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    await store.append_at(KEY, 0, TITLED[0])
+    await store.append_at(KEY, 1, TITLED[1])
+    assert await store.append_at(KEY, 1, TITLED[1]) == 2
+    assert await store.append_at(KEY, 0, TITLED[0] + TITLED[1]) == 2
+    # A repeat of an older batch must not fold it again ("one" would win).
+    assert await store.append_at(KEY, 0, TITLED[0]) == 2
+    summary = await only_summary(store)
+    assert summary["data"] == folded(TITLED[:2])
+    assert summary["data"]["custom_title"] == "two"
+    assert await raw.hget(f"{prefix}:m:{{proj}}:sess", "folded") == b"2"
+
+
+async def test_partial_overlap_folds_only_the_new_suffix(store: RedisStore) -> None:
+    await store.append_at(KEY, 0, TITLED[0] + TITLED[1])
+    await store.append_at(KEY, 1, TITLED[1] + TITLED[2])
+    assert (await only_summary(store))["data"] == folded(TITLED)
+
+
+@pytest.mark.parametrize("crash", ["summary-missing", "summary-rolled-back"])
+async def test_summary_catches_up_after_a_lost_summary_write(
+    store: RedisStore, raw: aioredis.Redis, prefix: str, crash: str
+) -> None:
+    name = f"{prefix}:m:{{proj}}:sess"
+    await store.append_at(KEY, 0, TITLED[0])
+    old = await raw.dump(name)
+    await store.append_at(KEY, 1, TITLED[1])
+    # The transcript write of TITLED[1] landed; its summary write did not.
+    if crash == "summary-missing":
+        await raw.delete(name)
+    else:
+        await raw.restore(name, 0, old, replace=True)
+    # The flusher's retry is a repeat: nothing new is written, the summary catches up.
+    assert await store.append_at(KEY, 1, TITLED[1]) == 2
+    assert (await only_summary(store))["data"] == folded(TITLED[:2])
+    await store.append_at(KEY, 2, TITLED[2])
+    assert (await only_summary(store))["data"] == folded(TITLED)
+    assert await raw.hget(name, "folded") == b"3"
+
+
+async def test_summary_is_rebuilt_when_corrupt(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    await store.append(KEY, TITLED[0])
+    await store.append(KEY, TITLED[1])
+    await raw.hset(f"{prefix}:m:{{proj}}:sess", "data", b"{not json")
+    await store.append(KEY, TITLED[2])
+    assert (await only_summary(store))["data"] == folded(TITLED)
+
+
+async def test_summary_follows_another_writer(make_store: MakeStore) -> None:
+    mine, theirs = make_store(), make_store()
+    await mine.append(KEY, TITLED[0])
+    await theirs.append(KEY, TITLED[1])  # mine's remembered summary is now stale
+    await mine.append(KEY, TITLED[2])
+    assert (await only_summary(mine))["data"] == folded(TITLED)
+
+
+async def test_summary_of_a_recreated_session_starts_fresh(make_store: MakeStore) -> None:
+    mine, theirs = make_store(), make_store()
+    await mine.append(KEY, TITLED[0])
+    await theirs.delete(KEY)
+    await theirs.append(KEY, TITLED[1])
+    await mine.append(KEY, TITLED[2])
+    assert (await only_summary(mine))["data"] == folded(TITLED[1:])
+
+
+async def test_failed_summary_catch_up_does_not_fail_the_append(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.append(KEY, TITLED[0])
+
+    async def broken(*args: Any) -> None:
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(store, "_catch_up", broken)
+    monkeypatch.setattr(store, "_summaries", type(store._summaries)())  # force the slow path
+    await store.append(KEY, TITLED[1])  # stored: raising would make the SDK resend it
+    monkeypatch.undo()
+    assert await store.load(KEY) == TITLED[0] + TITLED[1]
+    await store.append(KEY, TITLED[2])
+    assert (await only_summary(store))["data"] == folded(TITLED)
+
+
+async def test_concurrent_appenders_fold_every_entry_once_in_stored_order(
+    make_store: MakeStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    shared = make_store()
+    writers = [shared, shared, make_store(), make_store(), make_store()]  # 3 "hosts"
+    rounds = 12
+
+    async def appender(w: int, store: RedisStore) -> None:
+        for r in range(rounds):
+            batch = [
+                {
+                    "type": "user",
+                    "uuid": f"w{w}-r{r}-{j}",
+                    "timestamp": f"2024-01-01T00:{w:02d}:{r:02d}.00{j}Z",
+                    "customTitle": f"w{w}-r{r}-{j}",
+                    "message": {"role": "user", "content": f"prompt from w{w} r{r}"},
+                }
+                for j in range(1 + (w + r) % 3)
+            ]
+            await store.append(KEY, batch)
+
+    await asyncio.gather(*(appender(w, s) for w, s in enumerate(writers)))
+    stored = await shared.load(KEY)
+    assert stored is not None
+    assert len(stored) == sum(1 + (w + r) % 3 for w in range(len(writers)) for r in range(rounds))
+    assert len({e["uuid"] for e in stored}) == len(stored)
+    summary = await only_summary(shared)
+    assert summary["data"] == fold_session_summary(None, KEY, stored)["data"]
+    assert int(await raw.hget(f"{prefix}:m:{{proj}}:sess", "folded") or 0) == len(stored)
+    [listed] = await shared.list_sessions("proj")
+    assert summary["mtime"] == listed["mtime"]
+
+
+# --- Retention -------------------------------------------------------------------
+
+
+async def test_ttl_expires_idle_sessions(
+    make_store: MakeStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    store = make_store(ttl=0.4)
+    await store.append(KEY, TITLED[0])
+    await store.append(SUB, entries(1))
+    for name in await names_under(raw, prefix):
+        assert 0 < await raw.pttl(name) <= 400, name
+    assert len(await store.list_sessions("proj")) == 1
+    await asyncio.sleep(0.5)
+    assert await store.load(KEY) is None
+    assert await store.list_sessions("proj") == []
+    assert await store.list_session_summaries("proj") == []
+    assert await store.list_subkeys(KEY) == []
+    assert await names_under(raw, prefix) == []
+
+
+async def test_ttl_slides_with_each_append(make_store: MakeStore) -> None:
+    store = make_store(ttl=0.6)
+    for i in range(4):
+        await store.append(KEY, entries(1, start=i))
+        await asyncio.sleep(0.25)
+    assert await store.load(KEY) == entries(4)
+    assert len(await store.list_sessions("proj")) == 1
+
+
+# --- Server checks --------------------------------------------------------------
+
+
+async def test_check_server_warns_about_evicting_policies(
+    make_store: MakeStore, private_redis: Callable[..., Any]
+) -> None:
+    server = await private_redis(
+        "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "allkeys-lru"
+    )
+    store, with_ttl = make_store(server.url), make_store(server.url, ttl=3600)
+    [warning] = await store.check_server()
+    assert "allkeys-lru" in warning and "noeviction" in warning
+    await store.client.config_set("maxmemory-policy", "noeviction")
+    assert await store.check_server() == []
+    await store.client.config_set("maxmemory-policy", "volatile-lru")
+    assert await store.check_server() == []  # keys without a TTL are never evicted
+    [warning] = await with_ttl.check_server()
+    assert "volatile-lru" in warning
+    await store.client.config_set("maxmemory-policy", "noeviction")
+    await store.client.config_set("appendfsync", "everysec")
+    [warning] = await store.check_server()
+    assert "appendfsync is everysec" in warning
+
+
+async def test_check_server_warns_about_missing_persistence(
+    make_store: MakeStore, private_redis: Callable[..., Any]
+) -> None:
+    server = await private_redis()  # --save "" --appendonly no
+    [warning] = await make_store(server.url).check_server()
+    assert "no persistence" in warning
+
+
+# --- Real faults, exactly once, through DurableSessionStore ------------------------
+
+FAULT_KEYS: list[SessionKey] = [
+    KEY,
+    SUB,
+    {"project_key": "proj", "session_id": "second"},
+]
+
+
+class Appender:
+    """Appends numbered entries (every fourth without a uuid) and remembers what it sent."""
+
+    def __init__(self, store: DurableSessionStore) -> None:
+        self.store = store
+        self.sent: dict[str, list[Any]] = {skey(k): [] for k in FAULT_KEYS}
+        self.n = 0
+
+    async def round(self) -> None:
+        for key in FAULT_KEYS:
+            batch = []
+            for _ in range(3):
+                self.n += 1
+                entry: dict[str, Any] = {"type": "user", "n": self.n, "pad": "x" * 200}
+                if self.n % 4:
+                    entry["uuid"] = f"e{self.n}"
+                batch.append(entry)
+            await self.store.append(key, batch)
+            self.sent[skey(key)].extend(batch)
+
+    async def rounds(self, count: int, pause: float) -> None:
+        for _ in range(count):
+            await self.round()
+            await asyncio.sleep(pause)
+
+
+async def retries(store: DurableSessionStore) -> int:
+    return int((await store.status())["backends"][0]["retries"])
+
+
+async def wait_for_retries(store: DurableSessionStore, at_least: int, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await retries(store) < at_least:
+        assert asyncio.get_running_loop().time() < deadline, "the fault never hit the flusher"
+        await asyncio.sleep(0.02)
+
+
+async def assert_exactly_once(direct: RedisStore, appender: Appender) -> None:
+    for key in FAULT_KEYS:
+        assert await direct.load(key) == appender.sent[skey(key)], key
+    main = appender.sent[skey(KEY)]
+    summaries = {s["session_id"]: s for s in await direct.list_session_summaries("proj")}
+    assert summaries["sess"]["data"] == fold_session_summary(None, KEY, main)["data"]
+
+
+@pytest.mark.parametrize("mode", ["reset", "blackhole", "delay", "drop_replies"])
+async def test_exactly_once_through_network_faults(
+    make_store: MakeStore, make_durable: Callable[..., DurableSessionStore], mode: str
+) -> None:
+    proxy = await FaultProxy.start(HOST, PORT)
+    try:
+        backend = make_store(
+            f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=0.3, socket_connect_timeout=0.3
+        )
+        direct = make_store()  # same keys, no proxy in between
+        durable = make_durable(
+            backend, call_timeout=1.0, max_batch_entries=5, batch_linger=0.0, backoff_max=0.05
+        )
+        appender = Appender(durable)
+        await appender.rounds(3, 0.0)
+        await durable.flush(timeout=10)
+        landed_before = await direct.length(KEY)
+
+        if mode == "delay":
+            proxy.set_mode("delay", seconds=0.6)  # past the client's 0.3 s socket timeout
+        else:
+            proxy.set_mode(mode)  # type: ignore[arg-type]
+        await appender.rounds(4, 0.05)
+        await wait_for_retries(durable, 2, timeout=10)
+        landed_during = await direct.length(KEY)
+        if mode in ("delay", "drop_replies"):
+            assert landed_during > landed_before  # writes landed, their replies did not
+        else:
+            assert landed_during == landed_before  # nothing got through
+        if mode == "blackhole":
+            assert proxy.bytes_dropped > 0
+        if mode in ("reset", "drop_replies"):
+            assert proxy.resets > 0
+
+        proxy.set_mode("pass")
+        await appender.rounds(2, 0.0)
+        await durable.flush(timeout=15)
+        await assert_exactly_once(direct, appender)
+        assert (await durable.status())["backends"][0]["parked"] == []
+        await durable.close(timeout=5)
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_exactly_once_across_a_redis_restart_mid_drain(
+    make_store: MakeStore,
+    make_durable: Callable[..., DurableSessionStore],
+    private_redis: Callable[..., Any],
+    sig: int,
+) -> None:
+    # A non-persistent Redis forgets everything on restart; this one keeps every
+    # acknowledged write (AOF, fsync before each reply).
+    server = await private_redis("--appendonly", "yes", "--appendfsync", "always")
+    backend = make_store(server.url, socket_timeout=0.5, socket_connect_timeout=0.3)
+    direct = make_store(server.url)
+    assert await direct.check_server() == []
+    durable = make_durable(
+        backend, call_timeout=1.0, max_batch_entries=7, batch_linger=0.0, backoff_max=0.05
+    )
+    appender = Appender(durable)
+    writing = asyncio.create_task(appender.rounds(40, 0.02))
+    try:
+        await asyncio.sleep(0.3)
+        delivered = (await durable.status())["backends"][0]["delivered"]
+        assert delivered > 0  # the drain is under way
+        await server.stop(sig)
+        await asyncio.sleep(0.3)  # appends go on: the agent never waits on the backend
+        await server.start()  # same port, same directory: the AOF is replayed
+        await writing
+    finally:
+        writing.cancel()
+    await durable.flush(timeout=20)
+    assert await retries(durable) > 0
+    await assert_exactly_once(direct, appender)
+    await durable.close(timeout=5)
