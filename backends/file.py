@@ -57,6 +57,7 @@ import re
 import secrets
 import shutil
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -197,15 +198,29 @@ class FileStore(SessionStore):
     # ------------------------------------------------------------------
 
     async def append_at(
-        self, key: SessionKey, offset: int, entries: list[SessionStoreEntry]
+        self,
+        key: SessionKey,
+        offset: int,
+        entries: list[SessionStoreEntry],
+        *,
+        encoded: Sequence[bytes] | None = None,
     ) -> int:
-        """Store ``entries`` at ``offset``; see ``walmirror.backend``. Returns the new length."""
+        """Store ``entries`` at ``offset``; see ``walmirror.backend``. Returns the new length.
+
+        ``encoded``: each entry's JSON as the queue holds it (this store's own
+        line format), written as is instead of serialising ``entries`` again.
+        """
         k = self._check_key(key)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"{describe_key(k)}: offset must be a non-negative int")
+        lines = None
+        if encoded is not None:
+            if len(encoded) != len(entries) or not all(isinstance(b, bytes) for b in encoded):
+                raise ValueError(f"{describe_key(k)}: encoded must hold one bytes object per entry")
+            lines = [b + b"\n" for b in encoded]
         path = self._transcript_path(k)
         async with self._lock(path):
-            return await asyncio.to_thread(self._write_batch, k, path, offset, entries)
+            return await asyncio.to_thread(self._write_batch, k, path, offset, entries, lines)
 
     async def length(self, key: SessionKey) -> int:
         """How many entries ``key`` holds (0 if never written or deleted)."""
@@ -274,9 +289,12 @@ class FileStore(SessionStore):
         path: Path,
         offset: int | None,
         entries: list[SessionStoreEntry],
+        lines: list[bytes] | None = None,
     ) -> int:
-        """Append ``entries`` at ``offset`` (``None``: at the end); return the new length."""
-        lines = _serialise(key, entries)  # raises before anything is touched
+        """Append ``entries`` at ``offset`` (``None``: at the end); return the new length.
+        ``lines``: the entries already serialised, one line each."""
+        if lines is None:
+            lines = _serialise(key, entries)  # raises before anything is touched
         create = bool(lines) and offset in (None, 0)
         fd = self._open_locked(path, create=create)
         if fd is None:  # nothing stored and nothing to create

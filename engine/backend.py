@@ -19,6 +19,11 @@ its key's transcript: the first entry ever stored for a key has offset 0.
     Returns the key's length after the call. Must be atomic per call: either
     the whole new suffix lands or none of it does.
 
+    Optional keyword ``encoded``: a backend whose ``append_at`` accepts it gets
+    each entry's JSON as the queue holds it (UTF-8 bytes of
+    ``json.dumps(entry, ensure_ascii=False, separators=(",", ":"))``) and may
+    store those bytes instead of serialising ``entries`` again.
+
 ``length(key)``
     How many entries the backend holds for ``key`` (0 if never written, or
     deleted).
@@ -43,6 +48,7 @@ backoff.
 
 from __future__ import annotations
 
+import inspect
 from typing import Protocol, runtime_checkable
 
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
@@ -54,7 +60,7 @@ class OffsetStore(Protocol):
 
     async def append_at(
         self, key: SessionKey, offset: int, entries: list[SessionStoreEntry]
-    ) -> int: ...
+    ) -> int: ...  # optionally also: *, encoded: Sequence[bytes] | None = None
 
     async def length(self, key: SessionKey) -> int: ...
 
@@ -62,6 +68,17 @@ class OffsetStore(Protocol):
 def is_offset_aware(store: SessionStore) -> bool:
     """True when ``store`` implements ``append_at`` and ``length``."""
     return callable(getattr(store, "append_at", None)) and callable(getattr(store, "length", None))
+
+
+def accepts_encoded(store: object) -> bool:
+    """True when ``store.append_at`` takes the queue's bytes (``encoded=``)."""
+    append_at = getattr(store, "append_at", None)
+    if append_at is None:
+        return False
+    try:
+        return "encoded" in inspect.signature(append_at).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def implements(store: SessionStore, method: str) -> bool:

@@ -74,7 +74,7 @@ import functools
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
 from claude_agent_sdk.types import (
@@ -86,7 +86,7 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
-from .backend import OffsetStore, implements
+from .backend import OffsetStore, accepts_encoded, implements
 from .errors import PermanentBackendError
 
 __all__ = ["ALL_OPS", "READ_OPS", "WRITE_OPS", "FaultyStore", "KeyPredicate"]
@@ -325,10 +325,19 @@ class _ListSubkeys(FaultyStore):
 
 class _AppendAt(FaultyStore):
     async def append_at(
-        self, key: SessionKey, offset: int, entries: list[SessionStoreEntry]
+        self,
+        key: SessionKey,
+        offset: int,
+        entries: list[SessionStoreEntry],
+        *,
+        encoded: Sequence[bytes] | None = None,
     ) -> int:
         inner = cast(OffsetStore, self.inner)
-        return await self._run("append_at", key, lambda: inner.append_at(key, offset, entries))
+        if encoded is None or not accepts_encoded(self.inner):
+            return await self._run("append_at", key, lambda: inner.append_at(key, offset, entries))
+        return await self._run(
+            "append_at", key, lambda: inner.append_at(key, offset, entries, encoded=encoded)
+        )
 
 
 class _Length(FaultyStore):

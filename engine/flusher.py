@@ -39,7 +39,7 @@ from typing import Any, Literal, TypeVar
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
 
 from . import telemetry
-from .backend import implements, is_offset_aware
+from .backend import accepts_encoded, implements, is_offset_aware
 from .config import Tuning
 from .errors import PermanentBackendError, WalmirrorError
 from .keys import describe_key
@@ -112,6 +112,7 @@ class Flusher:
         self.locks = locks
         self.on_progress = on_progress
         self.offset_aware = is_offset_aware(backend)
+        self.takes_bytes = accepts_encoded(backend)
         self.consecutive_failures = 0
         self.breaker: BreakerState = "closed"
         self.last_error: str | None = None
@@ -266,7 +267,7 @@ class Flusher:
                 try:
                     if self.offset_aware:
                         await self._send_at_offset(
-                            key, session_key, cursor.base, cursor.acked, entries
+                            key, session_key, cursor.base, cursor.acked, entries, bodies
                         )
                     else:
                         await self._send_foreign(key, session_key, cursor.acked, entries)
@@ -294,6 +295,7 @@ class Flusher:
         base: int | None,
         acked: int,
         entries: list[SessionStoreEntry],
+        bodies: list[bytes],
     ) -> None:
         backend: Any = self.backend
         if base is None:
@@ -302,7 +304,12 @@ class Flusher:
             length = await self._call("length", backend.length(session_key))
             base = length - acked
             await self.queue.set_base(self.name, key.key_id, base)
-        await self._call("append_at", backend.append_at(session_key, base + acked, entries))
+        offset = base + acked
+        if self.takes_bytes:  # the queue's bytes are the entries' canonical JSON already
+            call = backend.append_at(session_key, offset, entries, encoded=bodies)
+        else:
+            call = backend.append_at(session_key, offset, entries)
+        await self._call("append_at", call)
 
     async def _send_foreign(
         self,
