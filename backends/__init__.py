@@ -4,20 +4,26 @@
 and for configuration files:
 
 * ``file:///abs/path`` or ``file:relative/path``: ``FileStore`` (JSONL files).
+* ``redis://`` / ``rediss://`` / ``unix://``: ``RedisStore.from_url`` (``?prefix=``, ``?ttl=``).
+* ``postgresql://`` / ``postgres://``: ``PostgresStore.from_url``, connecting on first use
+  (``?table=``, ``?schema=``, ``?command_timeout=``, ``?connect_timeout=``).
 
-``redis://``, ``postgresql://`` and ``s3://`` come with their backends.
+Each remote backend's module is imported only when its scheme is asked for, so
+its client library is needed only then (``pip install 'walmirror[redis]'`` ...).
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from claude_agent_sdk.types import SessionStore
 
 __all__ = ["PLANNED_SCHEMES", "SUPPORTED_SCHEMES", "from_url"]
 
-SUPPORTED_SCHEMES: tuple[str, ...] = ("file",)
-PLANNED_SCHEMES: tuple[str, ...] = ("redis", "postgresql", "s3")
+SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "redis", "rediss", "postgresql")
+PLANNED_SCHEMES: tuple[str, ...] = ("s3",)
 
 
 def from_url(url: str) -> SessionStore:
@@ -29,6 +35,12 @@ def from_url(url: str) -> SessionStore:
     scheme = parts.scheme.lower()
     if scheme == "file":
         return _file_store(url)
+    if scheme in ("redis", "rediss", "unix"):
+        store: SessionStore = _remote("redis", "RedisStore").from_url(url)
+        return store
+    if scheme in ("postgresql", "postgres"):
+        store = _remote("postgres", "PostgresStore").from_url(url)
+        return store
     supported = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
     planned = ", ".join(f"{s}://" for s in PLANNED_SCHEMES)
     if scheme in PLANNED_SCHEMES:
@@ -41,6 +53,16 @@ def from_url(url: str) -> SessionStore:
         f"backend URL has {what}; supported: {supported} "
         f"(file:///absolute/path or file:relative/path); {planned} come later"
     )
+
+
+def _remote(module: str, class_name: str) -> Any:
+    """A backend class, imported on demand, with a clear error when its extra is missing."""
+    try:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), class_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"this backend needs the {module} extra: pip install 'walmirror[{module}]' ({exc})"
+        ) from None
 
 
 def _file_store(url: str) -> SessionStore:

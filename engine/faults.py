@@ -335,8 +335,9 @@ class _AppendAt(FaultyStore):
         inner = cast(OffsetStore, self.inner)
         if encoded is None or not accepts_encoded(self.inner):
             return await self._run("append_at", key, lambda: inner.append_at(key, offset, entries))
+        takes_bytes: Any = self.inner  # append_at(..., encoded=) is optional in the protocol
         return await self._run(
-            "append_at", key, lambda: inner.append_at(key, offset, entries, encoded=encoded)
+            "append_at", key, lambda: takes_bytes.append_at(key, offset, entries, encoded=encoded)
         )
 
 

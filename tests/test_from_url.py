@@ -40,14 +40,23 @@ def test_unknown_scheme_lists_supported(url: str) -> None:
     with pytest.raises(ValueError) as info:
         from_url(url)
     message = str(info.value)
-    assert "file://" in message
-    assert "redis://" in message and "come later" in message
+    assert "file://" in message and "redis://" in message and "postgresql://" in message
 
 
-@pytest.mark.parametrize(
-    "url", ["redis://user:hunter2@cache:6379/0", "postgresql://u:hunter2@db/x", "s3://bucket/p"]
-)
-def test_remote_schemes_not_yet_and_no_secret_echoed(url: str) -> None:
-    with pytest.raises(ValueError, match="not supported yet") as info:
-        from_url(url)
+def test_redis_url_builds_a_redis_store_without_echoing_secrets() -> None:
+    from walmirror.backends.redis import RedisStore
+
+    store = from_url("redis://user:hunter2@127.0.0.1:6379/0?prefix=wm-test")
+    assert isinstance(store, RedisStore)
+    assert "hunter2" not in store.cursor_name
+
+
+def test_postgres_url_builds_a_deferred_postgres_store_without_echoing_secrets() -> None:
+    from walmirror.backends.postgres import PostgresStore
+
+    store = from_url("postgresql://u:hunter2@127.0.0.1:5432/test?table=wm_from_url")
+    assert isinstance(store, PostgresStore)
+    assert "hunter2" not in store.cursor_name
+    with pytest.raises(ValueError) as info:
+        from_url("postgresql://u:hunter2@127.0.0.1/test?command_timeout=soon")
     assert "hunter2" not in str(info.value)
