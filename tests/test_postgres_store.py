@@ -42,7 +42,7 @@ from walmirror.errors import (
 )
 from walmirror.faultproxy import FaultProxy
 
-DSN = os.environ.get("WALMIRROR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+DSN = os.environ.get("WALMIRROR_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PG_BIN = Path(os.environ.get("WALMIRROR_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 KEY: SessionKey = {"project_key": "proj", "session_id": "sess"}

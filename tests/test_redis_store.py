@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -38,8 +39,10 @@ from walmirror.errors import (
 )
 from walmirror.faultproxy import FaultProxy
 
-HOST = os.environ.get("WALMIRROR_REDIS_HOST", "127.0.0.1")
-PORT = int(os.environ.get("WALMIRROR_REDIS_PORT", "6379"))
+# The server under test; the same tests run against another deployment by env var.
+_SERVER = urlsplit(os.environ.get("WALMIRROR_REDIS_URL", "redis://127.0.0.1:6379/0"))
+HOST = _SERVER.hostname or "127.0.0.1"
+PORT = _SERVER.port or 6379
 URL = f"redis://{HOST}:{PORT}/0"
 
 KEY: SessionKey = {"project_key": "proj", "session_id": "sess"}
