@@ -7,6 +7,9 @@ and for configuration files:
 * ``redis://`` / ``rediss://`` / ``unix://``: ``RedisStore.from_url`` (``?prefix=``, ``?ttl=``).
 * ``postgresql://`` / ``postgres://``: ``PostgresStore.from_url``, connecting on first use
   (``?table=``, ``?schema=``, ``?command_timeout=``, ``?connect_timeout=``).
+* ``s3://bucket/prefix``: ``S3Store.from_url``, connecting on first use (``?endpoint_url=``,
+  ``?region=``, ``?compact_every=``, ``?summary_delay=``, ``?length_cache_ttl=``,
+  ``?max_concurrency=``); credentials from the AWS environment, never the URL.
 
 Each remote backend's module is imported only when its scheme is asked for, so
 its client library is needed only then (``pip install 'walmirror[redis]'`` ...).
@@ -20,10 +23,9 @@ from urllib.parse import unquote, urlsplit
 
 from claude_agent_sdk.types import SessionStore
 
-__all__ = ["PLANNED_SCHEMES", "SUPPORTED_SCHEMES", "from_url"]
+__all__ = ["SUPPORTED_SCHEMES", "from_url"]
 
-SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "redis", "rediss", "postgresql")
-PLANNED_SCHEMES: tuple[str, ...] = ("s3",)
+SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "redis", "rediss", "postgresql", "s3")
 
 
 def from_url(url: str) -> SessionStore:
@@ -41,17 +43,14 @@ def from_url(url: str) -> SessionStore:
     if scheme in ("postgresql", "postgres"):
         store = _remote("postgres", "PostgresStore").from_url(url)
         return store
+    if scheme == "s3":
+        store = _remote("s3", "S3Store").from_url(url)
+        return store
     supported = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
-    planned = ", ".join(f"{s}://" for s in PLANNED_SCHEMES)
-    if scheme in PLANNED_SCHEMES:
-        raise ValueError(
-            f"backend URLs with scheme {scheme}:// are not supported yet "
-            f"(supported: {supported}; {planned} come later)"
-        )
     what = f"scheme {scheme!r}" if scheme else "no scheme"
     raise ValueError(
         f"backend URL has {what}; supported: {supported} "
-        f"(file:///absolute/path or file:relative/path); {planned} come later"
+        "(file:///absolute/path or file:relative/path)"
     )
 
 

@@ -41,6 +41,7 @@ def test_unknown_scheme_lists_supported(url: str) -> None:
         from_url(url)
     message = str(info.value)
     assert "file://" in message and "redis://" in message and "postgresql://" in message
+    assert "s3://" in message
 
 
 def test_redis_url_builds_a_redis_store_without_echoing_secrets() -> None:
@@ -59,4 +60,15 @@ def test_postgres_url_builds_a_deferred_postgres_store_without_echoing_secrets()
     assert "hunter2" not in store.cursor_name
     with pytest.raises(ValueError) as info:
         from_url("postgresql://u:hunter2@127.0.0.1/test?command_timeout=soon")
+    assert "hunter2" not in str(info.value)
+
+
+def test_s3_url_builds_a_deferred_s3_store_and_refuses_credentials() -> None:
+    from walmirror.backends.s3 import S3Store
+
+    store = from_url("s3://bucket/some/prefix?endpoint_url=http://127.0.0.1:9&region=us-east-1")
+    assert isinstance(store, S3Store)
+    assert store.cursor_name.startswith("s3://bucket/some/prefix")
+    with pytest.raises(ValueError) as info:
+        from_url("s3://AKIA:hunter2@bucket/p")
     assert "hunter2" not in str(info.value)

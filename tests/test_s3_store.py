@@ -1,0 +1,887 @@
+"""Tests for walmirror.backends.s3.S3Store, against a real S3 API over HTTP.
+
+By default the tests start a private moto server (``tests/s3_server.py``). Set
+``WALMIRROR_S3_ENDPOINT`` (and ``WALMIRROR_S3_BUCKET``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``) to run the same tests against MinIO or AWS S3; the
+fault tests (fault proxy, server kill) always use a private moto server, the
+only S3 they can break. Every test works under its own random prefix and
+deletes it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+from aiobotocore.session import get_session  # type: ignore[import-untyped]
+from claude_agent_sdk import fold_session_summary
+from claude_agent_sdk.testing.session_store_conformance import run_session_store_conformance
+from claude_agent_sdk.types import SessionKey
+from s3_server import MotoServer
+
+from walmirror import DurableSessionStore, FlushBlockedError
+from walmirror.backend import is_offset_aware
+from walmirror.backends.s3 import S3Store
+from walmirror.errors import (
+    InvalidEntryError,
+    InvalidKeyError,
+    OffsetConflictError,
+    OffsetGapError,
+)
+from walmirror.faultproxy import FaultProxy
+
+ENDPOINT = os.environ.get("WALMIRROR_S3_ENDPOINT")
+BUCKET = os.environ.get("WALMIRROR_S3_BUCKET", "walmirror-tests")
+CREDENTIALS = {
+    "aws_access_key_id": os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+    "aws_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+    "region_name": "us-east-1",
+}
+# Short timeouts and no hidden retries: a fault reaches walmirror at once.
+IMPATIENT = AioConfig(connect_timeout=0.5, read_timeout=0.5, retries={"total_max_attempts": 1})
+# One botocore session for the whole run: it loads the S3 model once.
+SESSION = get_session()
+
+KEY: SessionKey = {"project_key": "proj", "session_id": "sess"}
+SUB: SessionKey = {**KEY, "subpath": "subagents/agent-1"}
+
+Make = Callable[..., DurableSessionStore]
+
+
+def entries(count: int, start: int = 0, tag: str = "e") -> list[Any]:
+    return [{"type": "user", "uuid": f"{tag}{i}", "n": i} for i in range(start, start + count)]
+
+
+# --- Fixtures: a server, a bucket, a prefix per test --------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def endpoint(request: pytest.FixtureRequest) -> str:
+    if ENDPOINT:
+        return ENDPOINT
+    server: MotoServer = request.getfixturevalue("moto_server")
+    return server.endpoint_url
+
+
+class S3Env:
+    """A client, the test bucket and a fresh prefix; stores made here are closed at the end."""
+
+    def __init__(self, endpoint: str, client: Any, owner: S3Store) -> None:
+        self.endpoint = endpoint
+        self.client = client
+        self.prefix = f"walmirror-test-{uuid.uuid4().hex}/"
+        self._owner = owner
+        self._stores: list[S3Store] = []
+
+    @classmethod
+    async def open(cls, endpoint: str) -> S3Env:
+        owner = await S3Store.connect(BUCKET, endpoint_url=endpoint, session=SESSION, **CREDENTIALS)
+        await ensure_bucket(owner.client)
+        return cls(endpoint, owner.client, owner)
+
+    def store(self, prefix: str = "", **tuning: Any) -> S3Store:
+        """A store on the shared client, under this test's prefix (plus ``prefix``)."""
+        store = S3Store(self.client, BUCKET, self.prefix + prefix, **tuning)
+        self._stores.append(store)
+        return store
+
+    async def keys(self, under: str = "") -> list[str]:
+        """Object names under this test's prefix (without it), sorted."""
+        names: list[str] = []
+        kwargs = {"Bucket": BUCKET, "Prefix": self.prefix + under}
+        while True:
+            page = await self.client.list_objects_v2(**kwargs)
+            names += [o["Key"][len(self.prefix) :] for o in page.get("Contents") or []]
+            if not page.get("IsTruncated"):
+                return sorted(names)
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    async def put(self, name: str, body: bytes, **extra: Any) -> None:
+        await self.client.put_object(Bucket=BUCKET, Key=self.prefix + name, Body=body, **extra)
+
+    async def close(self) -> None:
+        for store in self._stores:
+            await store.close()
+        names = await self.keys()
+        for i in range(0, len(names), 1000):
+            await self.client.delete_objects(
+                Bucket=BUCKET,
+                Delete={"Objects": [{"Key": self.prefix + n} for n in names[i : i + 1000]]},
+            )
+        await self._owner.close()
+
+
+async def ensure_bucket(client: Any) -> None:
+    try:
+        await client.head_bucket(Bucket=BUCKET)
+    except Exception:
+        await client.create_bucket(Bucket=BUCKET)
+
+
+@pytest.fixture
+async def s3(endpoint: str) -> AsyncIterator[S3Env]:
+    env = await S3Env.open(endpoint)
+    yield env
+    await env.close()
+
+
+@pytest.fixture
+async def moto_env(moto_server: MotoServer) -> AsyncIterator[S3Env]:
+    """Like ``s3``, but always on the private moto server (for the fault tests)."""
+    env = await S3Env.open(moto_server.endpoint_url)
+    yield env
+    await env.close()
+
+
+def jsonl(items: list[Any]) -> bytes:
+    return b"".join(
+        json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for e in items
+    )
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+# --- The SDK's contract ---------------------------------------------------
+
+
+async def test_passes_sdk_conformance_suite(s3: S3Env) -> None:
+    await run_session_store_conformance(lambda: s3.store(uuid.uuid4().hex))
+
+
+async def test_passes_sdk_conformance_suite_behind_durable_store(
+    s3: S3Env, make_durable: Make
+) -> None:
+    await run_session_store_conformance(lambda: make_durable(s3.store(uuid.uuid4().hex)))
+
+
+def test_is_offset_aware_and_names_its_cursor(s3: S3Env) -> None:
+    store = s3.store("x")
+    assert is_offset_aware(store)
+    assert store.cursor_name == f"s3://{BUCKET}/{s3.prefix}x"
+    assert S3Store(s3.client, BUCKET).cursor_name == f"s3://{BUCKET}"
+
+
+async def test_from_url_connects_on_first_use(
+    s3: S3Env, endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
+    url = (
+        f"s3://{BUCKET}/{s3.prefix}via-url?endpoint_url={quote(endpoint, safe='')}"
+        "&region=us-east-1&compact_every=none&summary_delay=0.5"
+    )
+    store = S3Store.from_url(url)
+    assert store.client is None  # built without a loop or a connection
+    assert store.cursor_name == f"s3://{BUCKET}/{s3.prefix}via-url"
+    try:
+        assert await store.append_at(KEY, 0, entries(2)) == 2
+        assert await s3.store("via-url").load(KEY) == entries(2)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3:///prefix", "no bucket"),
+        ("s3://key:secret@bucket/p", "no credentials"),
+        ("s3://bucket/p?colour=blue", "unknown parameter"),
+        ("s3://bucket/p?compact_every=often", "not a number"),
+        ("s3://bucket/p?region=a&region=b", "once"),
+        ("file:///tmp", "s3://"),
+    ],
+)
+def test_from_url_refuses_bad_urls_without_repeating_them(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as caught:
+        S3Store.from_url(url)
+    assert "secret" not in str(caught.value)
+
+
+async def test_check_finds_bucket_and_conditional_writes(s3: S3Env) -> None:
+    assert await s3.store().check() == []
+    missing = S3Store(s3.client, f"walmirror-missing-{uuid.uuid4().hex[:12]}")
+    [problem] = await missing.check()
+    assert "does not exist" in problem
+
+
+# --- Layout ---------------------------------------------------------------
+
+
+async def test_parts_are_named_by_first_offset_and_hold_jsonl(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append(KEY, [{"type": "user", "text": "héllo"}, {"type": "x", "n": 1}])
+    await store.append(KEY, entries(1))
+    assert await s3.keys("proj/sess/parts/") == [
+        "proj/sess/parts/000000000000.jsonl",
+        "proj/sess/parts/000000000002.jsonl",
+    ]
+    got = await s3.client.get_object(
+        Bucket=BUCKET, Key=s3.prefix + "proj/sess/parts/000000000000.jsonl"
+    )
+    async with got["Body"] as body:
+        assert await body.read() == '{"type":"user","text":"héllo"}\n{"type":"x","n":1}\n'.encode()
+    assert got["Metadata"]["entries"] == "2"
+    assert len(got["Metadata"]["generation"]) == 16  # part 0 names its transcript
+
+
+async def test_subkeys_and_sidecar_live_apart_from_the_main_parts(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append(KEY, entries(1))
+    await store.append(SUB, entries(2))
+    await store.close()  # writes the pending sidecar
+    assert await s3.keys() == [
+        "proj/@summaries/sess.json",
+        "proj/sess/parts/000000000000.jsonl",
+        "proj/sess/subkeys/subagents%2Fagent-1/parts/000000000000.jsonl",
+    ]
+
+
+async def test_append_of_empty_list_sends_nothing(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append(KEY, [])
+    assert await s3.keys() == []
+    assert await store.load(KEY) is None
+    assert await store.length(KEY) == 0
+
+
+async def test_delete_of_main_key_removes_every_object_of_the_session(s3: S3Env) -> None:
+    store = s3.store()
+    other: SessionKey = {"project_key": "proj", "session_id": "sess2"}
+    await store.append(KEY, entries(2))
+    await store.append(SUB, entries(1))
+    await store.append(other, entries(1))
+    await store.close()
+    store = s3.store()
+    await store.delete(KEY)
+    assert await s3.keys() == ["proj/@summaries/sess2.json", "proj/sess2/parts/000000000000.jsonl"]
+    assert await store.length(KEY) == 0
+    assert await store.load(SUB) is None
+
+
+async def test_delete_of_subkey_keeps_main_transcript_and_summary(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append(KEY, entries(2))
+    await store.append(SUB, entries(1))
+    await store.delete(SUB)
+    assert await store.load(SUB) is None
+    assert await store.load(KEY) == entries(2)
+    assert await store.list_subkeys(KEY) == []
+    assert [s["session_id"] for s in await store.list_session_summaries("proj")] == ["sess"]
+
+
+async def test_invalid_entries_are_refused_before_anything_is_sent(s3: S3Env) -> None:
+    store = s3.store()
+    with pytest.raises(InvalidEntryError, match="entry 1"):
+        await store.append_at(KEY, 0, [{"type": "x"}, {"type": "x", "bad": {1, 2}}])
+    with pytest.raises(InvalidEntryError):
+        await store.append(KEY, [{"type": "x", "nan": float("nan")}])
+    assert await s3.keys() == []
+
+
+# --- Offsets (walmirror.backend) -------------------------------------------
+
+
+async def test_append_at_the_end_returns_the_new_length(s3: S3Env) -> None:
+    store = s3.store()
+    assert await store.append_at(KEY, 0, entries(3)) == 3
+    assert await store.append_at(KEY, 3, entries(2, 3)) == 5
+    assert await store.length(KEY) == 5
+    assert await store.load(KEY) == entries(5)
+
+
+async def test_append_at_stores_the_queues_bytes_as_given(s3: S3Env) -> None:
+    store = s3.store()
+    batch = [{"type": "x", "b": 1, "a": "é"}]
+    as_queued = [b'{"type":"x","b":1,"a":"\xc3\xa9"}']
+    assert await store.append_at(KEY, 0, batch, encoded=as_queued) == 1
+    got = await s3.client.get_object(
+        Bucket=BUCKET, Key=s3.prefix + "proj/sess/parts/000000000000.jsonl"
+    )
+    async with got["Body"] as body:
+        assert await body.read() == as_queued[0] + b"\n"
+    assert await store.load(KEY) == batch
+    with pytest.raises(ValueError, match="encoded"):
+        await store.append_at(KEY, 1, entries(2), encoded=[b"{}"])
+    with pytest.raises(ValueError, match="encoded"):
+        await store.append_at(KEY, 1, entries(1), encoded=[b'{"type":"x"}\n{"type":"y"}'])
+
+
+async def test_a_repeat_is_a_no_op(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append_at(KEY, 0, entries(3))
+    await store.append_at(KEY, 3, entries(2, 3))
+    before = await s3.keys()
+    assert await store.append_at(KEY, 0, entries(3)) == 5
+    assert await store.append_at(KEY, 1, entries(4, 1)) == 5
+    assert await s3.keys() == before
+    assert await store.load(KEY) == entries(5)
+
+
+async def test_an_overlap_appends_only_the_suffix(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append_at(KEY, 0, entries(3))
+    assert await store.append_at(KEY, 1, entries(6, 1)) == 7
+    assert await store.load(KEY) == entries(7)
+    assert await s3.keys("proj/sess/parts/") == [
+        "proj/sess/parts/000000000000.jsonl",
+        "proj/sess/parts/000000000003.jsonl",
+    ]
+
+
+async def test_an_overlap_with_other_entries_is_a_conflict_and_writes_nothing(
+    s3: S3Env,
+) -> None:
+    store = s3.store()
+    await store.append_at(KEY, 0, entries(3))
+    with pytest.raises(OffsetConflictError) as caught:
+        await store.append_at(KEY, 2, [*entries(1, 2, tag="SECRET"), *entries(2, 3)])
+    assert caught.value.offset == 2 and caught.value.length == 3
+    assert "SECRET" not in str(caught.value)  # no transcript content in errors
+    assert await store.load(KEY) == entries(3)
+
+
+async def test_an_overlap_equal_as_json_is_a_repeat(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append_at(KEY, 0, [{"type": "x", "a": 1, "b": 2}])
+    assert await store.append_at(KEY, 0, [{"b": 2, "a": 1, "type": "x"}, {"type": "y"}]) == 2
+    assert await store.load(KEY) == [{"type": "x", "a": 1, "b": 2}, {"type": "y"}]
+
+
+async def test_a_gap_is_refused(s3: S3Env) -> None:
+    store = s3.store()
+    with pytest.raises(OffsetGapError):
+        await store.append_at(KEY, 1, entries(1))
+    await store.append_at(KEY, 0, entries(2))
+    with pytest.raises(OffsetGapError) as caught:
+        await store.append_at(KEY, 5, entries(1, 5))
+    assert caught.value.offset == 5 and caught.value.length == 2
+    assert await store.load(KEY) == entries(2)
+
+
+async def test_two_writers_at_one_offset_only_one_lands(s3: S3Env) -> None:
+    # Different batch sizes on purpose: part names hold the first offset only,
+    # so the conditional put makes them collide.
+    first, second = s3.store(), s3.store()
+    await first.append_at(KEY, 0, entries(2))
+    assert await second.length(KEY) == 2
+    results = await asyncio.gather(
+        first.append_at(KEY, 2, entries(3, 2, tag="a")),
+        second.append_at(KEY, 2, entries(5, 2, tag="b")),
+        return_exceptions=True,
+    )
+    conflicts = [r for r in results if isinstance(r, OffsetConflictError)]
+    assert len(conflicts) == 1, results
+    winner = "a" if results[0] == 5 else "b"
+    stored = await first.load(KEY)
+    assert stored == entries(2) + entries(3 if winner == "a" else 5, 2, tag=winner)
+
+
+async def test_two_writers_of_the_same_batch_store_it_once(s3: S3Env) -> None:
+    first, second = s3.store(), s3.store()
+    results = await asyncio.gather(
+        first.append_at(KEY, 0, entries(4)), second.append_at(KEY, 0, entries(4))
+    )
+    assert results == [4, 4]
+    assert await first.load(KEY) == entries(4)
+
+
+async def test_a_stale_cached_length_is_corrected_by_the_conditional_put(s3: S3Env) -> None:
+    mine, theirs = s3.store(), s3.store()
+    await mine.append_at(KEY, 0, entries(2))  # mine caches length 2
+    await theirs.append_at(KEY, 2, entries(3, 2))
+    assert await mine.append(KEY, entries(1, 5)) is None  # lands after theirs, not over it
+    assert await mine.load(KEY) == entries(6)
+    # With a stale cache, append_at at the cached end meets theirs: compared, refused.
+    stale = s3.store()
+    await stale.append_at(KEY, 0, entries(6))  # a repeat; caches length 6
+    await theirs.append_at(KEY, 6, entries(1, 6))
+    with pytest.raises(OffsetConflictError):
+        await stale.append_at(KEY, 6, entries(1, 99))
+    assert await stale.append_at(KEY, 6, entries(1, 6)) == 7  # the same entry: a repeat
+
+
+async def test_a_key_deleted_elsewhere_is_not_continued_with_a_hole(s3: S3Env) -> None:
+    mine = s3.store(length_cache_ttl=0.0)
+    theirs = s3.store()
+    await mine.append_at(KEY, 0, entries(3))
+    await theirs.delete(KEY)
+    with pytest.raises(OffsetGapError):
+        await mine.append_at(KEY, 3, entries(2, 3))
+    assert await s3.keys("proj/sess/") == []
+
+
+async def test_a_cached_length_is_trusted_only_for_its_ttl(s3: S3Env) -> None:
+    mine = s3.store(length_cache_ttl=0.2)
+    theirs = s3.store()
+    await mine.append_at(KEY, 0, entries(3))
+    await theirs.delete(KEY)
+    await asyncio.sleep(0.25)
+    with pytest.raises(OffsetGapError):
+        await mine.append_at(KEY, 3, entries(2, 3))
+
+
+async def test_length_of_a_missing_key_is_zero(s3: S3Env) -> None:
+    assert await s3.store().length(KEY) == 0
+
+
+# --- Keys cannot reach into each other's prefix -----------------------------
+
+
+TRICKY_KEYS: list[SessionKey] = [
+    {"project_key": "p", "session_id": "s"},
+    {"project_key": "p", "session_id": "s", "subpath": "a/b"},
+    {"project_key": "p", "session_id": "s", "subpath": "a%2Fb"},
+    {"project_key": "p", "session_id": "s", "subpath": "parts"},
+    {"project_key": "p", "session_id": "s", "subpath": "subkeys/parts"},
+    {"project_key": "p", "session_id": "s%2Fsubkeys"},
+    {"project_key": "p%2Fs", "session_id": "s"},
+    {"project_key": "p", "session_id": "%41"},
+    {"project_key": "p", "session_id": "A"},
+    {"project_key": "p", "session_id": "..."},
+    {"project_key": "p", "session_id": "..a", "subpath": "..b/...c"},
+    {"project_key": "p", "session_id": "@summaries"},
+    {"project_key": "p", "session_id": "x?y#z&w=1"},
+    {"project_key": "p", "session_id": "s p+a ce"},
+    {"project_key": "项目", "session_id": "会话", "subpath": "subagents/代理-1"},
+    {"project_key": "p", "session_id": "emoji-🙂"},
+]
+
+
+async def test_every_key_stays_in_its_own_prefix(s3: S3Env) -> None:
+    store = s3.store()
+    for i, key in enumerate(TRICKY_KEYS):
+        await store.append(key, [{"type": "x", "i": i}])
+    for i, key in enumerate(TRICKY_KEYS):
+        assert await store.load(key) == [{"type": "x", "i": i}], key
+        assert await store.length(key) == 1
+    # Every object sits under its own key's encoded prefix.
+    for name in await s3.keys():
+        if "/@summaries/" in name:
+            continue
+        owners = [
+            key
+            for key in TRICKY_KEYS
+            if name.startswith(
+                f"{quote(key['project_key'], safe='')}/{quote(key['session_id'], safe='')}/"
+                + (
+                    f"subkeys/{quote(key['subpath'], safe='')}/parts/"
+                    if "subpath" in key
+                    else "parts/"
+                )
+            )
+        ]
+        assert len(owners) == 1, name
+    sessions = sorted(s["session_id"] for s in await store.list_sessions("p"))
+    assert sessions == sorted(
+        k["session_id"] for k in TRICKY_KEYS if k["project_key"] == "p" and "subpath" not in k
+    )
+    assert await store.list_subkeys({"project_key": "p", "session_id": "s"}) == sorted(
+        ["a/b", "a%2Fb", "parts", "subkeys/parts"]
+    )
+    await store.delete({"project_key": "p", "session_id": "s"})
+    for key in TRICKY_KEYS:
+        gone = key["project_key"] == "p" and key["session_id"] == "s"
+        assert (await store.load(key) is None) == gone, key
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        {"project_key": "p", "session_id": ".."},
+        {"project_key": "..", "session_id": "s"},
+        {"project_key": "p", "session_id": "a/b"},
+        {"project_key": "p", "session_id": "s", "subpath": "../x"},
+        {"project_key": "p", "session_id": "s", "subpath": "/abs"},
+        {"project_key": "p", "session_id": "s", "subpath": ""},
+        {"project_key": "p", "session_id": "nul\x00"},
+        {"project_key": "p", "session_id": "\ud800"},
+        {"project_key": "p", "session_id": "长" * 200},  # 1,800 bytes encoded
+    ],
+)
+async def test_invalid_keys_are_refused_before_anything_is_sent(
+    s3: S3Env, key: dict[str, str]
+) -> None:
+    store = s3.store()
+    with pytest.raises(InvalidKeyError):
+        await store.append(key, entries(1))  # type: ignore[arg-type]
+    assert await s3.keys() == []
+
+
+# --- Compaction -----------------------------------------------------------
+
+
+def compacting_store(s3: S3Env, **tuning: Any) -> S3Store:
+    tuning = {"compact_every": None, "compaction_windows": (4, 16), "compaction_fanin": 2, **tuning}
+    return s3.store(**tuning)
+
+
+async def fill(store: S3Store, appends: int = 30) -> list[Any]:
+    """``appends`` appends of 1 to 3 entries; returns what the key holds."""
+    expected: list[Any] = []
+    for i in range(appends):
+        batch = entries(1 + i % 3, len(expected))
+        await store.append_at(KEY, len(expected), batch)
+        expected += batch
+    return expected
+
+
+async def test_compaction_keeps_entries_and_order_with_fewer_objects(s3: S3Env) -> None:
+    store = compacting_store(s3)
+    expected = await fill(store)
+    parts_before = await s3.keys("proj/sess/parts/")
+    assert await store.load(KEY) == expected
+    removed = await store.compact(KEY)
+    after = await s3.keys("proj/sess/parts/")
+    assert removed > 0 and len(after) < len(parts_before) - removed // 2
+    assert any("-" in name for name in after)  # segments named by their range
+    assert after[-1] == parts_before[-1]  # the last part stays: list_sessions' mtime
+    assert await store.load(KEY) == expected
+    assert await store.length(KEY) == len(expected)
+    assert await store.append_at(KEY, len(expected), entries(2, len(expected))) == len(expected) + 2
+    assert await store.compact(KEY) >= 0
+    assert await store.load(KEY) == expected + entries(2, len(expected))
+
+
+async def test_compaction_twice_changes_nothing_more(s3: S3Env) -> None:
+    store = compacting_store(s3)
+    await fill(store)
+    await store.compact(KEY)
+    names = await s3.keys()
+    assert await store.compact(KEY) == 0
+    assert await s3.keys() == names
+
+
+async def test_load_is_right_between_segment_write_and_part_deletion(
+    s3: S3Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = compacting_store(s3)
+    expected = await fill(store)
+    before = await s3.keys()
+
+    async def keep_everything(keys: list[str]) -> None:
+        return None
+
+    monkeypatch.setattr(store, "_delete_keys", keep_everything)
+    await store.compact(KEY)  # segments written, nothing deleted
+    monkeypatch.undo()
+    during = await s3.keys()
+    assert set(before) < set(during)
+    for reader in (store, s3.store()):
+        assert await reader.load(KEY) == expected
+        assert await reader.length(KEY) == len(expected)
+    await store.append_at(KEY, len(expected), entries(1, len(expected)))
+    expected += entries(1, len(expected))
+    await store.compact(KEY)  # deletes what the first one left
+    assert len(await s3.keys()) < len(before)
+    assert await s3.store().load(KEY) == expected
+
+
+async def test_load_is_right_after_a_crash_in_the_middle_of_compaction(
+    s3: S3Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = compacting_store(s3)
+    expected = await fill(store, appends=40)
+    real_delete = store._delete_keys
+
+    async def crash_halfway(keys: list[str]) -> None:
+        await real_delete(keys[: len(keys) // 2])
+        raise RuntimeError("crashed")
+
+    monkeypatch.setattr(store, "_delete_keys", crash_halfway)
+    with pytest.raises(RuntimeError, match="crashed"):
+        await store.compact(KEY)
+    monkeypatch.undo()
+    assert await s3.store().load(KEY) == expected
+    assert await s3.store().length(KEY) == len(expected)
+    # The next compaction reuses the segment (same range, same bytes) and cleans up.
+    again = compacting_store(s3)
+    await again.compact(KEY)
+    clean = await s3.keys()
+    await again.compact(KEY)
+    assert await s3.keys() == clean
+    assert await s3.store().load(KEY) == expected
+
+
+async def test_loads_running_during_compaction_see_every_entry_once(s3: S3Env) -> None:
+    store = compacting_store(s3)
+    expected = await fill(store, appends=40)
+    readers = [s3.store() for _ in range(4)]
+    compaction = asyncio.ensure_future(store.compact(KEY))
+    while not compaction.done():
+        loads = await asyncio.gather(*(r.load(KEY) for r in readers))
+        assert all(loaded == expected for loaded in loads)
+    assert await compaction > 0
+    assert await readers[0].load(KEY) == expected
+
+
+async def test_background_compaction_after_compact_every_appends(s3: S3Env) -> None:
+    store = compacting_store(s3, compact_every=8)
+    expected = await fill(store, appends=40)
+    await wait_for(lambda: not store._compactions)
+    await wait_for(_fewer_objects(s3, 30), timeout=10)
+    assert await s3.store().load(KEY) == expected
+
+
+def _fewer_objects(s3: S3Env, count: int) -> Callable[[], Any]:
+    async def check() -> bool:
+        return len(await s3.keys("proj/sess/parts/")) < count
+
+    return check
+
+
+async def test_a_long_session_loads_from_few_objects(s3: S3Env) -> None:
+    store = s3.store(compact_every=16, compaction_windows=(16, 256), compaction_fanin=4)
+    expected: list[Any] = []
+    for i in range(200):
+        await store.append_at(KEY, i, entries(1, i))
+        expected += entries(1, i)
+    await store.compact(KEY)
+    assert len(await s3.keys("proj/sess/parts/")) < 30
+    assert await s3.store().load(KEY) == expected
+
+
+# --- Summaries ------------------------------------------------------------
+
+
+def folded(batches: list[list[Any]]) -> dict[str, Any]:
+    summary = None
+    for batch in batches:
+        summary = fold_session_summary(summary, KEY, batch)
+    assert summary is not None
+    return summary["data"]
+
+
+async def summary_of(store: S3Store) -> dict[str, Any]:
+    [summary] = [s for s in await store.list_session_summaries("proj") if s["session_id"] == "sess"]
+    return summary
+
+
+def stamped(n: int, start: int = 0) -> list[Any]:
+    return [
+        {
+            "type": "user",
+            "uuid": f"u{i}",
+            "timestamp": f"2024-01-01T00:00:{i:02d}.000Z",
+            "customTitle": f"t{i}",
+        }
+        for i in range(start, start + n)
+    ]
+
+
+async def test_summary_folds_each_stored_entry_once(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append_at(KEY, 0, stamped(3))
+    await store.append_at(KEY, 0, stamped(3))  # a repeat
+    await store.append_at(KEY, 2, stamped(4, 2))  # overlap: 2 new
+    await store.append_at(KEY, 6, stamped(1, 6))
+    await store.append(SUB, stamped(2, 40))  # subagents do not count
+    summary = await summary_of(store)
+    assert summary["data"] == folded([stamped(7)])
+    [listed] = await store.list_sessions("proj")
+    assert summary["mtime"] >= listed["mtime"]
+    # And a fresh store reads the same from S3.
+    assert (await summary_of(s3.store()))["data"] == summary["data"]
+
+
+async def test_a_sidecar_left_behind_by_a_crash_catches_up(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append_at(KEY, 0, stamped(2))
+    await store.close()
+    # A process stored a part and died before its sidecar write.
+    await s3.put(
+        "proj/sess/parts/000000000002.jsonl", jsonl(stamped(3, 2)), Metadata={"entries": "3"}
+    )
+    other = s3.store(compact_every=None, compaction_windows=(4,), compaction_fanin=2)
+    assert await other.append_at(KEY, 5, stamped(1, 5)) == 6
+    assert (await summary_of(other))["data"] == folded([stamped(6)])
+    # Catching up reads compacted segments too.
+    await s3.put(
+        "proj/sess/parts/000000000006.jsonl", jsonl(stamped(3, 6)), Metadata={"entries": "3"}
+    )
+    await other.compact(KEY)
+    third = s3.store()
+    assert await third.append_at(KEY, 9, stamped(1, 9)) == 10
+    assert (await summary_of(third))["data"] == folded([stamped(10)])
+
+
+async def test_a_new_transcript_does_not_inherit_an_old_sidecar(s3: S3Env) -> None:
+    store = s3.store()
+    await store.append(KEY, stamped(2))
+    await store.close()
+    sidecar = await s3.client.get_object(Bucket=BUCKET, Key=s3.prefix + "proj/@summaries/sess.json")
+    async with sidecar["Body"] as body:
+        old = await body.read()
+    # The sidecar of a deleted session survived (a sidecar write from another
+    # host racing the delete), and the session id comes back.
+    fresh = s3.store()
+    await fresh.delete(KEY)
+    await s3.put("proj/@summaries/sess.json", old)
+    await fresh.append(KEY, stamped(3, 30))
+    assert (await summary_of(fresh))["data"] == folded([stamped(3, 30)])
+    # A store that knows nothing of it checks the generation too.
+    await s3.put("proj/@summaries/sess.json", old)
+    other = s3.store()
+    await other.append(KEY, stamped(1, 33))
+    assert (await summary_of(other))["data"] == folded([stamped(4, 30)])
+
+
+async def test_summary_writes_are_coalesced(s3: S3Env) -> None:
+    store = s3.store(summary_delay=60)
+    for i in range(5):
+        await store.append_at(KEY, i, stamped(1, i))
+    assert "proj/@summaries/sess.json" not in await s3.keys()  # still pending
+    assert (await summary_of(store))["data"] == folded([stamped(5)])  # listing writes it
+
+
+# --- Real faults, through DurableSessionStore (contract 2: exactly once) ------
+
+
+@pytest.mark.parametrize("mode", ["reset", "blackhole", "delay", "drop_replies"])
+async def test_exactly_once_through_a_network_fault(
+    moto_env: S3Env, moto_server: MotoServer, make_durable: Make, mode: str
+) -> None:
+    proxy = await FaultProxy.start(moto_server.host, moto_server.port)
+    try:
+        backend = await S3Store.connect(
+            BUCKET,
+            moto_env.prefix,
+            endpoint_url=f"http://{proxy.host}:{proxy.port}",
+            session=SESSION,
+            config=IMPATIENT,
+            summary_delay=0.05,
+            **CREDENTIALS,
+        )
+        direct = moto_env.store()  # reads S3 without the proxy
+        store = make_durable(backend, max_batch_entries=10, call_timeout=2.0)
+        expected: list[Any] = []
+        for _ in range(3):
+            batch = stamped(5, len(expected))
+            await store.append(KEY, batch)
+            expected += batch
+        await store.flush(timeout=20)
+        assert await direct.length(KEY) == 15
+
+        proxy.set_mode(mode, **({"seconds": 1.0} if mode == "delay" else {}))  # type: ignore[arg-type]
+        for _ in range(4):
+            batch = stamped(7, len(expected))
+            await store.append(KEY, batch)
+            expected += batch
+        await wait_for(lambda: _retried(store))
+        if mode in ("delay", "drop_replies"):
+            # The ambiguous failure: writes land, their replies never arrive.
+            async def landed_unacked() -> bool:
+                status = await store.status()
+                acked = len(expected) - status["backends"][0]["pending_entries"]
+                return await direct.length(KEY) > acked
+
+            await wait_for(landed_unacked)
+        else:
+            assert await direct.length(KEY) == 15  # nothing got through
+        proxy.set_mode("pass")
+        await store.flush(timeout=30)
+        assert await direct.load(KEY) == expected
+        await backend.close()  # writes its pending sidecar
+        assert (await summary_of(direct))["data"] == folded([expected])
+    finally:
+        await proxy.close()
+
+
+async def _retried(store: DurableSessionStore) -> bool:
+    status = await store.status()
+    return bool(status["backends"][0]["retries"])
+
+
+async def test_a_restarted_server_that_lost_data_parks_keys_never_leaves_a_hole(
+    make_durable: Make,
+) -> None:
+    # moto keeps objects in memory: after a SIGKILL and a restart it has lost
+    # everything, bucket included. walmirror must not write the rest of a
+    # transcript whose start is gone: such keys park with OffsetGapError (an
+    # operator decides); keys whose whole history was still queued deliver in
+    # full, exactly once. A fault proxy in reset mode keeps the flusher off
+    # while the operator recreates the bucket (a missing bucket parks keys too).
+    server = MotoServer()
+    server.start()
+    proxy = await FaultProxy.start(server.host, server.port)
+    prefix = f"walmirror-test-{uuid.uuid4().hex}/"
+    backend = await S3Store.connect(
+        BUCKET,
+        prefix,
+        endpoint_url=f"http://{proxy.host}:{proxy.port}",
+        session=SESSION,
+        config=IMPATIENT,
+        length_cache_ttl=3600,  # what saves us: transport errors drop cached lengths
+        **CREDENTIALS,
+    )
+    operator = await S3Store.connect(
+        BUCKET, prefix, endpoint_url=server.endpoint_url, session=SESSION, **CREDENTIALS
+    )
+    try:
+        await ensure_bucket(operator.client)
+        store = make_durable(backend, max_batch_entries=20, call_timeout=2.0)
+        delivered = [{"project_key": "proj", "session_id": f"a{i}"} for i in range(3)]
+        in_flight = [{"project_key": "proj", "session_id": f"b{i}"} for i in range(3)]
+        later = [{"project_key": "proj", "session_id": f"c{i}"} for i in range(3)]
+        sent: dict[str, list[Any]] = {}
+
+        async def append(key: SessionKey, count: int) -> None:
+            batch = entries(count, len(sent.get(key["session_id"], [])), tag=key["session_id"])
+            sent.setdefault(key["session_id"], []).extend(batch)
+            await store.append(key, batch)
+
+        for key in delivered:
+            await append(key, 40)
+        await store.flush(timeout=20)
+        for key in in_flight:  # their drain is under way when the server dies
+            await append(key, 200)
+        server.kill()
+        proxy.set_mode("reset")
+        for key in delivered + later:
+            await append(key, 30)
+        await wait_for(lambda: _retried(store))
+        server.start()  # same port, nothing in it
+        await ensure_bucket(operator.client)
+        proxy.set_mode("pass")
+
+        with pytest.raises(FlushBlockedError):
+            await store.flush(timeout=30)
+        status = (await store.status())["backends"][0]
+        parked = {p["key"]["session_id"]: p["error"] for p in status["parked"]}
+        assert {k["session_id"] for k in delivered} <= set(parked)
+        assert not {k["session_id"] for k in later} & set(parked)
+        assert all("OffsetGapError" in error for error in parked.values()), parked
+        for key in delivered + in_flight + later:
+            stored = await operator.load(key)
+            if key["session_id"] in parked:
+                assert stored is None  # nothing written after the hole
+            else:
+                assert stored == sent[key["session_id"]]  # complete, exactly once
+    finally:
+        await backend.close()
+        await operator.close()
+        await proxy.close()
+        server.stop()
