@@ -650,9 +650,12 @@ class WriteAheadQueue:
     async def requeue(self, backend: str | None = None, key: SessionKey | None = None) -> int:
         """Un-park keys (all, one backend's, or one key's); return how many were un-parked.
 
-        A key parked for an offset conflict or gap also forgets its base, so
-        the flusher learns the backend's current length again and continues
-        after whatever the other writer stored.
+        A key parked for an offset conflict (another writer appended) also
+        forgets its base, so the flusher learns the backend's current length
+        again and continues after whatever the other writer stored. A key parked
+        for a gap (the backend lost entries) keeps its base: continuing at the
+        backend's shorter length would hide the loss, so it parks again until the
+        backend holds what it lost (restored from a backup, or the key deleted).
         """
 
         def run() -> int:
@@ -675,7 +678,7 @@ class WriteAheadQueue:
                     args,
                 ).fetchall()
                 for b, key_id, error in rows:
-                    if error.startswith(("OffsetConflictError", "OffsetGapError")):
+                    if error.startswith("OffsetConflictError"):
                         # base := unknown; acked entries already in the backend keep their
                         # place because the new base is learned as length - acked.
                         conn.execute(

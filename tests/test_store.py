@@ -563,3 +563,24 @@ async def test_the_flusher_hands_its_bytes_to_a_backend_that_takes_them(
     await store.flush(timeout=10)
     assert [json.loads(b) for batch in seen for b in batch] == entries(3)
     assert await FileStore(tmp_path / "files").load(KEY) == entries(3)
+
+
+async def test_requeue_after_backend_data_loss_does_not_continue_a_truncated_transcript(
+    make_durable: Make, tmp_path: Path
+) -> None:
+    from walmirror.backends.file import FileStore
+
+    files = FileStore(tmp_path / "files")
+    store = make_durable(files)
+    await store.append(KEY, entries(3))
+    await store.flush(timeout=10)
+    await FileStore(tmp_path / "files").delete(KEY)  # the backend loses the key behind our back
+    await store.append(KEY, entries(5))
+    with pytest.raises(FlushBlockedError):
+        await store.flush(timeout=10)
+    assert await store.requeue(KEY) == 1
+    with pytest.raises(FlushBlockedError):  # parked again: e3, e4 alone would hide the loss
+        await store.flush(timeout=10)
+    assert await files.load(KEY) is None
+    (parked,) = (await store.status())["backends"][0]["parked"]
+    assert parked["error"].startswith("OffsetGapError")
