@@ -5,6 +5,12 @@ takes an exclusive lock, so a live application's queue is refused with a clear
 error). ``status`` and ``requeue`` need only the queue; ``drain`` and
 ``verify`` also need the backends, as URLs (``walmirror.backends.from_url``).
 
+Health checks: ``verify``, and ``status`` when given ``--backend``, ask each
+backend that offers one (``check_server()``, e.g. Redis, or ``check()``, e.g.
+S3) for settings that can lose transcripts silently, and print each as
+``warning: <cursor name>: <text>`` on stderr (``status --json``: a
+``"warnings"`` list). Warnings never change the exit code.
+
 Cursor names: the queue remembers each backend by name (default
 ``store.default_cursor_name``: the backend's ``cursor_name`` such as
 ``"file:///mnt/transcripts"``, else ``"<index>:<class name>"``). The command uses the
@@ -107,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
     bench.add_argument("--dir", metavar="D", help="where the queues go (default: a temp dir)")
+    bench.add_argument(
+        "--drain",
+        action="store_true",
+        help="instead: drain throughput to Redis, PostgreSQL and S3 (moto) against the SDK's "
+        "reference adapters",
+    )
     return parser
 
 
@@ -225,12 +237,79 @@ def _open_store(args: argparse.Namespace, *, require_all: bool) -> DurableSessio
     return DurableSessionStore(backends, path, backend_names=names)
 
 
+# -- backend health checks -------------------------------------------------------------
+
+CHECK_TIMEOUT = 15.0  # seconds per backend; a check that hangs becomes a warning
+
+
+async def check_backends(
+    backends: Sequence[SessionStore], names: Sequence[str]
+) -> list[dict[str, str]]:
+    """Each backend's own health warnings, as ``{"backend": name, "text": warning}``.
+
+    Asks backends that offer ``check_server()`` (Redis) or ``check()`` (S3)
+    and expects a list of strings (one string or ``None`` are accepted too). A
+    check that fails or times out is itself a warning: checks are advice and
+    never stop the command.
+    """
+    warnings: list[dict[str, str]] = []
+    for name, backend in zip(names, backends, strict=True):
+        check = getattr(backend, "check_server", None) or getattr(backend, "check", None)
+        if not callable(check):
+            continue
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                result = check()
+                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                    result = await result
+        except TimeoutError:
+            texts = [f"health check did not answer within {CHECK_TIMEOUT:g} s"]
+        except Exception as exc:
+            texts = [f"health check failed: {type(exc).__name__}: {exc}"]
+        else:
+            if result is None:
+                texts = []
+            elif isinstance(result, str):
+                texts = [result]
+            else:
+                texts = [str(t) for t in result]
+        warnings.extend({"backend": name, "text": text} for text in texts)
+    return warnings
+
+
+def _print_warnings(warnings: Sequence[dict[str, str]]) -> None:
+    for w in warnings:
+        print(f"warning: {w['backend']}: {w['text']}", file=sys.stderr)
+
+
+async def _close_backends(backends: Sequence[SessionStore]) -> None:
+    """Close backends built from URLs (``aclose()``, else ``close()``), ignoring errors."""
+    for backend in backends:
+        close = getattr(backend, "aclose", None) or getattr(backend, "close", None)
+        if not callable(close):
+            continue
+        try:
+            result = close()
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                await result
+        except Exception as exc:
+            logging.getLogger("walmirror").debug("closing %r: %s", backend, exc)
+
+
 # -- status ---------------------------------------------------------------------------
 
 
 async def status(args: argparse.Namespace) -> int:
     path = _queue_path(args)
     names = known_names(path)
+    warnings: list[dict[str, str]] = []
+    if getattr(args, "backend", None):  # only an explicit --backend: status stays queue-only
+        backends = _backends(args)
+        try:
+            checked = resolve_names(names, backends, args.name, require_all=False)
+            warnings = await check_backends(backends, checked)
+        finally:
+            await _close_backends(backends)
     queue = WriteAheadQueue(path)
     await queue.open(names)
     try:
@@ -241,6 +320,7 @@ async def status(args: argparse.Namespace) -> int:
                 "keys": len(await queue.all_keys()),
             },
             "backends": [],
+            "warnings": warnings,
         }
         for name in names:
             stats = await queue.stats(name)
@@ -261,6 +341,7 @@ async def status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_status(report)
+        _print_warnings(warnings)
     return 0
 
 
@@ -313,6 +394,7 @@ async def drain(args: argparse.Namespace) -> int:
         if problem:
             logging.getLogger("walmirror").setLevel(logging.ERROR)  # we report it ourselves
         report = await store.close(timeout=0.0 if problem else 10.0)
+        await _close_backends(store.backends)
     for name in store.backend_names:
         line = (
             f"{name}: delivered {delivered.get(name, 0)} entries in {elapsed:.1f} s; "
@@ -363,12 +445,21 @@ async def requeue(args: argparse.Namespace) -> int:
 
 
 async def run_verify(args: argparse.Namespace) -> int:
-    store = _open_store(args, require_all=False)
-    await store.queue.open(store.backend_names)  # inspect only: no flusher runs
+    path = _queue_path(args)
+    backends = _backends(args)
     try:
-        reports = await verify(store)
+        names = resolve_names(known_names(path), backends, args.name, require_all=False)
+        store = DurableSessionStore(backends, path, backend_names=names)
+        await store.queue.open(store.backend_names)  # inspect only: no flusher runs
+        try:
+            warnings = await check_backends(store.backends, store.backend_names)
+            reports = await verify(store)
+        finally:
+            await store.queue.close()
     finally:
-        await store.queue.close()
+        await _close_backends(backends)
+    # stderr in both forms: the --json output stays the list of key reports
+    _print_warnings(warnings)
     if args.json:
         print(json.dumps([r.to_json() for r in reports], indent=2))
     else:
@@ -434,7 +525,10 @@ async def run_demo(args: argparse.Namespace) -> int:
 
 
 async def run_bench(args: argparse.Namespace) -> int:
-    from walmirror.bench.append import run  # only this command needs it
+    if args.drain:
+        from walmirror.bench.drain import run
+    else:
+        from walmirror.bench.append import run  # only this command needs it
 
     return await run(
         quick=args.quick,
