@@ -303,6 +303,8 @@ class Flusher:
             # continue after what the backend holds, then remember where we start.
             length = await self._call("length", backend.length(session_key))
             base = length - acked
+            if length and not acked:
+                base = await self._find_own_start(session_key, entries, base)
             await self.queue.set_base(self.name, key.key_id, base)
         offset = base + acked
         if self.takes_bytes:  # the queue's bytes are the entries' canonical JSON already
@@ -310,6 +312,27 @@ class Flusher:
         else:
             call = backend.append_at(session_key, offset, entries)
         await self._call("append_at", call)
+
+    async def _find_own_start(
+        self, session_key: SessionKey, entries: list[SessionStoreEntry], default: int
+    ) -> int:
+        """Where this queue's first entry already sits in the backend, if it does.
+
+        A backend that holds entries of a key this cursor never delivered is
+        usually another host's history (continue after it: ``default``). But it
+        may hold this queue's own entries, delivered under another cursor name
+        (a backend renamed or re-addressed), or a replay of entries it already
+        has. Then the batch belongs where its first entry's uuid is, and the
+        backend's overlap check turns the resend into a no-op.
+        """
+        first = entries[0].get("uuid")
+        if not first:
+            return default
+        stored = await self._call("load", self.backend.load(session_key)) or []
+        for offset, entry in enumerate(stored):
+            if isinstance(entry, dict) and entry.get("uuid") == first:
+                return offset
+        return default
 
     async def _send_foreign(
         self,

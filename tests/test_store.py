@@ -584,3 +584,19 @@ async def test_requeue_after_backend_data_loss_does_not_continue_a_truncated_tra
     assert await files.load(KEY) is None
     (parked,) = (await store.status())["backends"][0]["parked"]
     assert parked["error"].startswith("OffsetGapError")
+
+
+async def test_a_renamed_backend_cursor_does_not_resend_what_the_backend_holds(
+    tmp_path: Path,
+) -> None:
+    # contract 2: the same backend under a new cursor name (re-addressed, renamed)
+    # finds its own entries by uuid instead of appending them again.
+    from walmirror.backends.file import FileStore
+
+    root = tmp_path / "files"
+    store = DurableSessionStore(FileStore(root), tmp_path / "q.db", backend_names=("old",))
+    async with store:
+        await store.append(KEY, entries(3))
+    async with DurableSessionStore(FileStore(root), tmp_path / "q.db", backend_names=("new",)) as s:
+        await s.append(KEY, entries(5))
+    assert await FileStore(root).load(KEY) == entries(5)
