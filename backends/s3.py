@@ -1132,6 +1132,9 @@ class S3Store(SessionStore):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for call in calls:  # those cancelled before they started were never awaited
+                if asyncio.iscoroutine(call):
+                    call.close()
             raise
 
     # ------------------------------------------------------------------

@@ -169,6 +169,7 @@ class DurableSessionStore(SessionStore):
             for flusher in self.flushers:
                 flusher.start()
             flushers = self.flushers
+            # The telemetry module holds sources weakly: this reference keeps ours alive.
             self._gauges = telemetry.GaugeSource(lambda: {f.name: f.gauges for f in flushers})
             self._loop = asyncio.get_running_loop()
             self._started = True
