@@ -179,7 +179,12 @@ class _Connection:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            job()
+            try:
+                job()
+            except RuntimeError:
+                # The loop that asked is closed (a store left open when its event
+                # loop ended): nobody waits for this answer. Keep serving.
+                logger.debug("%s: a job's event loop is closed", self._name)
 
     def _open(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
