@@ -72,6 +72,7 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
+from walmirror.backend import check_append_at
 from walmirror.errors import (
     InvalidEntryError,
     InvalidKeyError,
@@ -211,13 +212,8 @@ class FileStore(SessionStore):
         line format), written as is instead of serialising ``entries`` again.
         """
         k = self._check_key(key)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"{describe_key(k)}: offset must be a non-negative int")
-        lines = None
-        if encoded is not None:
-            if len(encoded) != len(entries) or not all(isinstance(b, bytes) for b in encoded):
-                raise ValueError(f"{describe_key(k)}: encoded must hold one bytes object per entry")
-            lines = [b + b"\n" for b in encoded]
+        check_append_at(k, offset, entries, encoded)
+        lines = None if encoded is None else [b + b"\n" for b in encoded]
         path = self._transcript_path(k)
         async with self._lock(path):
             return await asyncio.to_thread(self._write_batch, k, path, offset, entries, lines)

@@ -137,6 +137,7 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
+from walmirror.backend import check_append_at
 from walmirror.errors import (
     InvalidEntryError,
     InvalidKeyError,
@@ -703,13 +704,10 @@ $fn$;
         is instead of serialising ``entries`` again.
         """
         k = self._check_key(key)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"{describe_key(k)}: offset must be a non-negative int")
+        check_append_at(k, offset, entries, encoded)
         if encoded is None:
             texts = _serialise(k, entries)
         else:
-            if len(encoded) != len(entries) or not all(isinstance(b, bytes) for b in encoded):
-                raise ValueError(f"{describe_key(k)}: encoded must hold one bytes object per entry")
             try:
                 texts = [b.decode() for b in encoded]
             except UnicodeDecodeError:

@@ -113,6 +113,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError, WatchError
 
+from walmirror.backend import check_append_at
 from walmirror.errors import (
     InvalidEntryError,
     InvalidKeyError,
@@ -489,14 +490,8 @@ class RedisStore(SessionStore):
         then only read for the summary fold (main keys).
         """
         k, names = self._check_key(key)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"{describe_key(k)}: offset must be a non-negative int")
-        if encoded is None:
-            lines = _serialise(k, entries)
-        else:
-            lines = list(encoded)
-            if len(lines) != len(entries) or not all(isinstance(b, bytes) for b in lines):
-                raise ValueError(f"{describe_key(k)}: encoded must hold one bytes object per entry")
+        check_append_at(k, offset, entries, encoded)
+        lines = _serialise(k, entries) if encoded is None else list(encoded)
         return await self._append(k, names, offset, list(entries), lines)
 
     async def length(self, key: SessionKey) -> int:

@@ -143,6 +143,7 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
+from walmirror.backend import check_append_at
 from walmirror.errors import (
     InvalidEntryError,
     InvalidKeyError,
@@ -691,8 +692,7 @@ class S3Store(SessionStore):
         line format), stored as is instead of serialising ``entries`` again.
         """
         names = self._names(key)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"{describe_key(names.key)}: offset must be a non-negative int")
+        check_append_at(names.key, offset, entries, None)  # encoded: stricter check below
         if encoded is None:
             lines = _serialise(names.key, entries)
         elif len(encoded) != len(entries) or not all(

@@ -49,9 +49,12 @@ backoff.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
+
+from .keys import describe_key
 
 
 @runtime_checkable
@@ -68,6 +71,22 @@ class OffsetStore(Protocol):
 def is_offset_aware(store: SessionStore) -> bool:
     """True when ``store`` implements ``append_at`` and ``length``."""
     return callable(getattr(store, "append_at", None)) and callable(getattr(store, "length", None))
+
+
+def check_append_at(
+    key: SessionKey,
+    offset: object,
+    entries: Sequence[SessionStoreEntry],
+    encoded: Sequence[bytes] | None,
+) -> None:
+    """The argument checks every ``append_at`` makes: a non-negative int offset, and
+    ``encoded`` (when given) one bytes object per entry. Raises ``ValueError``."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"{describe_key(key)}: offset must be a non-negative int")
+    if encoded is not None and (
+        len(encoded) != len(entries) or not all(isinstance(b, bytes) for b in encoded)
+    ):
+        raise ValueError(f"{describe_key(key)}: encoded must hold one bytes object per entry")
 
 
 def accepts_encoded(store: object) -> bool:
