@@ -1,4 +1,4 @@
-"""Backends: one module per destination, each a full offset-aware ``SessionStore``.
+"""Backends: one module per destination, each a ``SessionStore`` speaking ``walmirror.protocol``.
 
 ``from_url(url)`` builds a backend from a URL, for the ``walmirror`` command
 and for configuration files:

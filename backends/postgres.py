@@ -18,32 +18,93 @@ from ``table``; the ``__`` separator is why table names may not contain
         mtime_ms      bigint                 commit time of its last append, epoch ms
         + index (project_key, session_id) WHERE subpath = ''   for list_sessions
 
+    public.walmirror__marks                  one row per producer that wrote a transcript
+        project_key, session_id, subpath, producer            PRIMARY KEY
+        mark          bigint                 the producer's highest stored seq
+        mtime_ms      bigint                 when the mark last moved, epoch ms
+
     public.walmirror__summaries              one row per session (main keys only)
         project_key, session_id              PRIMARY KEY
         folded        bigint                 how many main entries ``data`` covers
         mtime_ms      bigint                 same value as the __keys row's mtime_ms
         data          json                   fold_session_summary's opaque state
 
-    public.walmirror__append(...)            plpgsql: one round trip per append
+    public.walmirror__append_batch(...)      plpgsql: the atomic step, one round trip
     public.walmirror__lock(...)              plpgsql: lock a session, read its state
-    public.walmirror__delete(...)            plpgsql: cascading delete
-    public.walmirror__same(json, text)       deep equality of two entries
+    public.walmirror__delete(...)            plpgsql: cascading delete (keeps marks)
 
 Every query is an index range scan on one of those primary keys: ``load``
 reads ``(project_key, session_id, subpath)`` in offset order, ``length`` and
 ``list_subkeys`` read ``__keys``, ``list_sessions`` the partial index,
-``list_session_summaries`` the ``__summaries`` key. Key columns use the "C"
-collation: byte order, no locale lookups, and the same on every server.
+``list_session_summaries`` the ``__summaries`` key, ``producer_mark`` one
+``__marks`` row. Key columns use the "C" collation: byte order, no locale
+lookups, and the same on every server.
+
+The atomic step (``walmirror.protocol``): ``append_batch`` is one call of
+``__append_batch``, one transaction. It takes a shared advisory lock on the
+session (``delete`` takes it exclusively, so a delete never interleaves with
+an append of the same session), locks the key's ``__keys`` row (``SELECT ...
+FOR UPDATE``; a new key's row is created first, so two concurrent first
+appends serialise on it too), reads the producer's ``__marks`` row, answers
+"behind" (``MarkBehindError``, nothing written) when ``expect`` is above the
+mark, skips the leading entries at or below the mark, inserts the rest from
+``unnest($entries)`` at ``entry_offset = entry_count, ...``, and updates
+``entry_count``, the mark and, for a main key, the summary. A batch that is
+all repeats changes nothing, not even ``mtime_ms``. The plain SessionStore
+``append`` calls the same function without a producer: no mark, no skipping.
+
+Summaries, exactly once: ``fold_session_summary`` is Python, so the fold
+runs in the client, optimistically: the store caches each session's length,
+``folded`` and summary from its previous call (or reads them first), guesses
+how many entries the mark will skip (the batch's ``expect`` is the producer's
+mark in the steady state), folds exactly the entries it expects to be
+appended, and sends the result with the length, ``folded`` and skip count it
+assumed. The function writes it only if all three hold under the row lock;
+otherwise ("stale": a cache miss, a wrong guess, or another writer got there
+first) it writes nothing, and the client retries once in a transaction that
+first locks the session's rows and reads their state and the mark
+(``__lock``), so the retry cannot lose a race again. So every appended entry
+is folded into the stored summary exactly once and skipped repeats never
+are, whatever the interleaving of writers, and the steady state stays one
+round trip. ``mtime_ms`` of the transcript and of its summary come from the
+same ``clock_timestamp()`` of the writing transaction, so a summary's
+``mtime`` is never older than the ``mtime`` ``list_sessions`` reports.
+
+Deletes and tombstones: ``delete()`` removes the transcript (a main key takes
+its subagent transcripts and its summary with it, in one transaction; a
+subpath key removes that one transcript) but leaves every ``__marks`` row of
+the key and of its subkeys: they are the tombstone that turns a late retry of
+a batch written before the delete into a no-op. A tombstone lives until an
+operator removes it. Removing the marks of deleted transcripts is safe once
+no queue that wrote them still holds undelivered entries for them (a queue
+retains entries while its backend is down; give it a margin of days)::
+
+    DELETE FROM public.walmirror__marks m
+     WHERE m.mtime_ms < <now - margin, epoch ms>
+       AND NOT EXISTS (SELECT 1 FROM public.walmirror__keys k
+                        WHERE k.project_key = m.project_key AND k.session_id = m.session_id
+                          AND k.subpath = m.subpath AND k.entry_count > 0);
 
 Retention: the SDK never deletes from a store, and ``PostgresStore`` deletes
-only when ``delete()`` is called (a main key takes its subagent transcripts
-and its summary with it, in one transaction; a subpath key removes that one
-transcript). Anything else (TTL, compliance windows) is the operator's job:
-``__keys.mtime_ms`` says when each transcript last changed, so a scheduled
-job can pick expired sessions there and call ``delete()`` for each (or run
-the ``__delete`` function in SQL: ``SELECT public.walmirror__delete(project,
-session, NULL)``), which keeps the three tables consistent. Deleting rows by
-hand from one table only breaks the offsets of later appends.
+only when ``delete()`` is called. Anything else (TTL, compliance windows) is
+the operator's job: ``__keys.mtime_ms`` says when each transcript last
+changed, so a scheduled job can pick expired sessions there and call
+``delete()`` for each (or run the ``__delete`` function in SQL: ``SELECT
+public.walmirror__delete(project, session, NULL)``), which keeps the tables
+consistent. Deleting rows by hand from one table only breaks later appends.
+
+Lost data: the marks live in the same database and transactions as the
+entries, so whatever loses entries (a restore from an older backup, a
+failover to a replica that had not caught up) loses their marks with them,
+and a producer that was told its entries were stored gets ``MarkBehindError``
+on its next batch (its ``expect`` is above the mark) and re-sends. An operator
+wiping the store must therefore wipe the marks in the same statement::
+
+    TRUNCATE public.walmirror, public.walmirror__keys,
+             public.walmirror__summaries, public.walmirror__marks;
+
+Truncating the entries but keeping ``__marks`` would make the re-sends of the
+lost entries look like repeats: they would be skipped, lost for good.
 
 Why ``json`` and not ``jsonb`` for entries: ``json`` stores the text as sent,
 after a validation pass; ``jsonb`` parses it into a binary tree on insert and
@@ -51,49 +112,25 @@ prints it back on every ``load``. Measured here (PostgreSQL 15, ~1 KB
 entries, 500-entry batches), the server spends about a third less time
 inserting ``json`` (~5 ms against ~7.5 ms a batch) and loads it 2-3x faster;
 the drain target (60k entries/s) leaves no room for that. ``json`` also keeps
-every entry byte for byte as the CLI wrote it (key order included) and
+every entry byte for byte as the queue encoded it (``encode_entry``) and
 accepts what ``jsonb`` refuses: a ``"\\u0000"`` escape inside a string, which
-tool output can contain. Nothing here needs ``jsonb``'s operators; a
-deployment that wants to query entries can add an expression index on
-``(entry::jsonb -> 'type')`` or a generated ``jsonb`` column. The overlap
-check of a repeated batch compares the text first and falls back to
-``jsonb`` equality only when the bytes differ (another writer serialised
-differently), so it stays deep equality, as the SDK's contract asks.
-
-Offsets and exactly-once (``walmirror.backend``): ``append_at`` is one call
-of ``__append``, which in one transaction takes a shared advisory lock on the
-session (``delete`` takes it exclusively, so a delete never interleaves with
-an append of the same session), locks the key's ``__keys`` row
-(``SELECT ... FOR UPDATE``; a new key's row is created first, so two
-concurrent first appends serialise on it too), compares the overlap with the
-stored rows (``OffsetConflictError`` if it differs, ``OffsetGapError`` for a
-gap), inserts only the new suffix from ``unnest($entries)`` and, for a main
-key, updates the ``__summaries`` row. A repeated batch changes nothing, not
-even ``mtime_ms``.
-
-Summaries, exactly once: ``fold_session_summary`` is Python, so the fold
-runs in the client, optimistically: the store caches each session's length,
-``folded`` and summary from its previous call (or from ``length()``, which
-the flusher calls first), folds exactly the entries past that length, and
-sends the result with the length and ``folded`` it assumed. The function
-writes it only if both still hold under the row lock; otherwise ("stale": a
-cache miss, or another writer got there first) it writes nothing, and the
-client retries once in a transaction that first locks the session's rows
-(``__lock``) and reads their state, so the retry cannot lose a race again.
-So an entry is folded into the stored summary exactly once, whatever repeats
-and concurrent writers do, and the common case stays one round trip. ``mtime_ms``
-of the transcript and of its summary come from the same
-``clock_timestamp()`` of the writing transaction, so a summary's ``mtime`` is
-never older than the ``mtime`` ``list_sessions`` reports.
+tool output can contain, and a lone surrogate's ``"\\ud800"`` escape. Nothing
+here needs ``jsonb``'s operators; a deployment that wants to query entries
+can add an expression index on ``(entry::jsonb -> 'type')`` or a generated
+``jsonb`` column.
 
 Schema creation (``ensure_schema``, run by ``connect`` and on first use of a
 ``from_url`` store) is idempotent (``CREATE ... IF NOT EXISTS``, ``CREATE OR
 REPLACE FUNCTION``) and holds a transaction-level advisory lock, so two
-processes starting at once do not trip over each other. A role without DDL
-rights passes ``create_schema=False`` once the owner has run it. Table and
-schema names must match ``[a-z][a-z0-9_]*`` (at most 40 characters, no
-``__``, no trailing ``_``), else ``ValueError``; they are quoted anyway, and
-every value travels as a bind parameter.
+processes starting at once do not trip over each other. On tables made by an
+earlier version (offset protocol) it adds ``__marks`` and the new functions
+and drops the old ``__append``, ``__same`` and two-argument ``__lock``: a
+client of the old version still running fails (and retries) until it is
+upgraded, instead of writing without marks. A role without DDL rights passes
+``create_schema=False`` once the owner has run it. Table and schema names
+must match ``[a-z][a-z0-9_]*`` (at most 40 characters, no ``__``, no trailing
+``_``), else ``ValueError``; they are quoted anyway, and every value travels
+as a bind parameter.
 
 Connections: ``PostgresStore.connect(dsn)`` makes its own ``asyncpg`` pool;
 ``PostgresStore.from_url(url)`` does the same lazily, on first use (it is
@@ -121,7 +158,6 @@ import os
 import re
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Self, cast
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -137,22 +173,21 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
-from walmirror.backend import check_append_at
 from walmirror.errors import (
     InvalidEntryError,
     InvalidKeyError,
-    OffsetConflictError,
-    OffsetGapError,
+    MarkBehindError,
     PermanentBackendError,
     WalmirrorError,
 )
 from walmirror.keys import describe_key, validate_key, validate_project_key
+from walmirror.protocol import Batch, Receipt, check_batch, encode_entry, skip_count
 
 __all__ = ["DEFAULT_TABLE", "PostgresStore", "validate_identifier"]
 
 DEFAULT_TABLE = "walmirror"
 MAX_IDENTIFIER_LENGTH = 40
-"""Longest table or schema name: room for the ``__summaries`` suffix within
+"""Longest table or schema name: room for the ``__append_batch`` suffix within
 PostgreSQL's 63-byte identifiers."""
 
 MAX_KEY_BYTES = 2000
@@ -160,7 +195,6 @@ MAX_KEY_BYTES = 2000
 index row must fit in a third of a page (2704 bytes, the offset included)."""
 
 _IDENTIFIER = re.compile(r"[a-z][a-z0-9_]*")
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _URL_OPTIONS = ("table", "schema", "command_timeout", "connect_timeout")
 _POOL_PARAMETERS = frozenset(inspect.signature(asyncpg.create_pool).parameters)
 _CACHE_SIZE = 4096  # sessions whose length and summary are cached
@@ -199,7 +233,8 @@ class _Head:
 
 
 class PostgresStore(SessionStore):
-    """A ``SessionStore`` (and offset-aware backend) keeping transcripts in PostgreSQL.
+    """A ``SessionStore`` (and ``walmirror.protocol.ProducerStore``) keeping transcripts
+    in PostgreSQL.
 
     ``pool`` is an ``asyncpg`` pool the caller owns (``close()`` leaves it
     open). ``table`` names the entries table; the others derive from it (see
@@ -232,15 +267,21 @@ class PostgresStore(SessionStore):
         self._entries = f'{q}"{table}"'
         self._keys = f'{q}"{table}__keys"'
         self._summaries = f'{q}"{table}__summaries"'
-        self._append_fn = f'{q}"{table}__append"'
+        self._marks = f'{q}"{table}__marks"'
+        self._append_fn = f'{q}"{table}__append_batch"'
         self._delete_fn = f'{q}"{table}__delete"'
-        self._same_fn = f'{q}"{table}__same"'
         self._lock_fn = f'{q}"{table}__lock"'
+        # What the offset protocol's schema had and this one drops (see ensure_schema).
+        self._old_functions = (
+            f'{q}"{table}__append"(text, text, text, bigint, text[], bigint, bigint, text)',
+            f'{q}"{table}__same"(json, text)',
+            f"{self._lock_fn}(text, text)",
+        )
         # Advisory locks are database-wide: the first key half names this table.
         self._lock_class = _int32(zlib.crc32(f"walmirror:{schema}.{table}".encode()))
         self._sql_append = (
-            "SELECT r_status, r_length, r_mtime_ms, r_folded, r_summary "
-            f"FROM {self._append_fn}($1, $2, $3, $4, $5, $6, $7, $8)"
+            "SELECT r_status, r_appended, r_mark, r_length, r_mtime_ms "
+            f"FROM {self._append_fn}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         )
         self._sql_head = (
             f"SELECT coalesce((SELECT k.entry_count FROM {self._keys} k "
@@ -271,7 +312,12 @@ class PostgresStore(SessionStore):
         )
         self._sql_delete = f"SELECT {self._delete_fn}($1, $2, $3)"
         self._sql_lock = (
-            f"SELECT r_length, r_folded, r_mtime_ms, r_summary FROM {self._lock_fn}($1, $2)"
+            "SELECT r_length, r_folded, r_mtime_ms, r_summary, r_mark "
+            f"FROM {self._lock_fn}($1, $2, $3)"
+        )
+        self._sql_mark = (
+            f"SELECT mark FROM {self._marks} WHERE project_key = $1 AND session_id = $2 "
+            "AND subpath = $3 AND producer = $4"
         )
 
     @classmethod
@@ -462,14 +508,21 @@ class PostgresStore(SessionStore):
             await conn.execute(self._schema_sql())
 
     async def drop_schema(self) -> None:
-        """Drop this store's tables and functions, with every transcript in them."""
+        """Drop this store's tables and functions, with every transcript and mark in them."""
         pool = await self._ready()
+        functions = (
+            f"{self._append_fn}(text, text, text, text, bigint, bigint, text[], bigint, bigint, "
+            "bigint, text)",
+            f"{self._lock_fn}(text, text, text)",
+            f"{self._delete_fn}(text, text, text)",
+            *self._old_functions,
+        )
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", self._lock_class)
             await conn.execute(
-                f"DROP FUNCTION IF EXISTS {self._append_fn}, {self._delete_fn}, "
-                f"{self._same_fn}, {self._lock_fn};"
-                f"DROP TABLE IF EXISTS {self._entries}, {self._keys}, {self._summaries};"
+                f"DROP FUNCTION IF EXISTS {', '.join(functions)};"
+                f"DROP TABLE IF EXISTS {self._entries}, {self._keys}, {self._summaries}, "
+                f"{self._marks};"
             )
         self._heads.clear()
 
@@ -513,76 +566,69 @@ CREATE TABLE IF NOT EXISTS {self._summaries} (
     data json NOT NULL,
     PRIMARY KEY (project_key, session_id)
 );
+CREATE TABLE IF NOT EXISTS {self._marks} (
+    {key_cols},
+    producer text COLLATE "C" NOT NULL,
+    mark bigint NOT NULL,
+    mtime_ms bigint NOT NULL,
+    PRIMARY KEY (project_key, session_id, subpath, producer)
+);
 
-CREATE OR REPLACE FUNCTION {self._same_fn}(a json, b text) RETURNS boolean
-LANGUAGE plpgsql IMMUTABLE AS $fn$
-BEGIN
-    RETURN a::jsonb = b::jsonb;
-EXCEPTION WHEN others THEN
-    RETURN false;  -- not comparable as jsonb (a \\u0000 escape): the bytes decide
-END
-$fn$;
+-- The offset protocol's functions: a client still speaking it fails until upgraded.
+DROP FUNCTION IF EXISTS {", ".join(self._old_functions)};
 
 CREATE OR REPLACE FUNCTION {self._append_fn}(
-    p_project text, p_session text, p_subpath text, p_offset bigint, p_entries text[],
-    p_base bigint, p_folded bigint, p_summary text,
-    OUT r_status text, OUT r_length bigint, OUT r_mtime_ms bigint,
-    OUT r_folded bigint, OUT r_summary text)
+    p_project text, p_session text, p_subpath text,
+    p_producer text, p_first_seq bigint, p_expect bigint, p_entries text[],
+    p_base bigint, p_folded bigint, p_skip bigint, p_summary text,
+    OUT r_status text, OUT r_appended bigint, OUT r_mark bigint, OUT r_length bigint,
+    OUT r_mtime_ms bigint)
 LANGUAGE plpgsql AS $fn$
+-- The atomic step of walmirror.protocol. p_producer NULL: a plain append (no
+-- mark, nothing skipped). For a main key, p_base, p_folded and p_skip are the
+-- client's assumptions behind p_summary: stored only if they hold, else 'stale'.
 DECLARE
     n bigint := coalesce(cardinality(p_entries), 0);
     cur bigint;
-    off bigint;
-    overlap bigint;
-    added bigint;
+    skip bigint := 0;
     now_ms bigint;
     s_folded bigint;
 BEGIN
     PERFORM {lock};
+    r_appended := 0;
     LOOP
         SELECT k.entry_count INTO cur FROM {self._keys} k
          WHERE k.project_key = p_project AND k.session_id = p_session AND k.subpath = p_subpath
            FOR UPDATE;
-        EXIT WHEN FOUND;
-        IF coalesce(p_offset, 0) > 0 OR n = 0 THEN
-            r_status := CASE WHEN coalesce(p_offset, 0) > 0 THEN 'gap' ELSE 'ok' END;
-            r_length := 0;
+        r_length := coalesce(cur, 0);
+        IF p_producer IS NOT NULL THEN
+            -- Read under the key row's lock once the row exists; before that, a
+            -- 'behind' or all-repeats answer writes nothing, so its snapshot is enough.
+            SELECT m.mark INTO r_mark FROM {self._marks} m
+             WHERE m.project_key = p_project AND m.session_id = p_session
+               AND m.subpath = p_subpath AND m.producer = p_producer;
+            IF p_expect IS NOT NULL AND (r_mark IS NULL OR r_mark < p_expect) THEN
+                r_status := 'behind';
+                RETURN;
+            END IF;
+            skip := CASE WHEN r_mark IS NULL OR r_mark < p_first_seq THEN 0
+                         WHEN r_mark - p_first_seq >= n THEN n
+                         ELSE r_mark - p_first_seq + 1 END;
+        END IF;
+        IF skip = n THEN
+            r_status := 'ok';
             RETURN;
         END IF;
+        EXIT WHEN cur IS NOT NULL;
         INSERT INTO {self._keys} (project_key, session_id, subpath, entry_count, mtime_ms)
         VALUES (p_project, p_session, p_subpath, 0, 0) ON CONFLICT DO NOTHING;
     END LOOP;
-    r_length := cur;
-    off := coalesce(p_offset, cur);
-    IF off > cur THEN
-        r_status := 'gap';
-        RETURN;
-    END IF;
-    overlap := least(cur - off, n);
-    IF overlap > 0 AND EXISTS (
-        SELECT 1 FROM unnest(p_entries[1:overlap]) WITH ORDINALITY AS x(entry, i)
-        LEFT JOIN {self._entries} e
-          ON e.project_key = p_project AND e.session_id = p_session
-         AND e.subpath = p_subpath AND e.entry_offset = off + x.i - 1
-        WHERE e.entry IS NULL
-           OR (e.entry::text <> x.entry AND NOT {self._same_fn}(e.entry, x.entry))
-    ) THEN
-        r_status := 'conflict';
-        RETURN;
-    END IF;
-    added := n - overlap;
-    IF added = 0 THEN
-        r_status := 'ok';
-        RETURN;
-    END IF;
     IF p_subpath = '' THEN
-        SELECT s.folded, s.mtime_ms, s.data::text INTO s_folded, r_mtime_ms, r_summary
-          FROM {self._summaries} s
+        SELECT s.folded INTO s_folded FROM {self._summaries} s
          WHERE s.project_key = p_project AND s.session_id = p_session
            FOR UPDATE;
-        r_folded := coalesce(s_folded, 0);
-        IF p_base IS DISTINCT FROM cur OR p_folded IS DISTINCT FROM r_folded
-           OR p_summary IS NULL THEN
+        IF p_base IS DISTINCT FROM cur OR p_folded IS DISTINCT FROM coalesce(s_folded, 0)
+           OR p_skip IS DISTINCT FROM skip OR p_summary IS NULL THEN
             r_status := 'stale';
             RETURN;
         END IF;
@@ -590,28 +636,36 @@ BEGIN
     now_ms := floor(extract(epoch FROM clock_timestamp()) * 1000);
     INSERT INTO {self._entries} (project_key, session_id, subpath, entry_offset, entry)
     SELECT p_project, p_session, p_subpath, cur + x.i - 1, x.entry::json
-      FROM unnest(p_entries[overlap + 1:n]) WITH ORDINALITY AS x(entry, i);
-    UPDATE {self._keys} SET entry_count = cur + added, mtime_ms = now_ms
-     WHERE {this_key};
+      FROM unnest(p_entries[skip + 1:n]) WITH ORDINALITY AS x(entry, i);
+    r_appended := n - skip;
+    r_length := cur + r_appended;
+    UPDATE {self._keys} SET entry_count = r_length, mtime_ms = now_ms WHERE {this_key};
+    IF p_producer IS NOT NULL THEN
+        r_mark := p_first_seq + (n - 1);
+        INSERT INTO {self._marks} AS m
+               (project_key, session_id, subpath, producer, mark, mtime_ms)
+        VALUES (p_project, p_session, p_subpath, p_producer, r_mark, now_ms)
+        ON CONFLICT (project_key, session_id, subpath, producer) DO UPDATE
+           SET mark = excluded.mark, mtime_ms = excluded.mtime_ms;
+    END IF;
     IF p_subpath = '' THEN
         INSERT INTO {self._summaries} AS s (project_key, session_id, folded, mtime_ms, data)
-        VALUES (p_project, p_session, cur + added, now_ms, p_summary::json)
+        VALUES (p_project, p_session, r_length, now_ms, p_summary::json)
         ON CONFLICT (project_key, session_id) DO UPDATE
            SET folded = excluded.folded, mtime_ms = excluded.mtime_ms, data = excluded.data;
     END IF;
     r_status := 'appended';
-    r_length := cur + added;
     r_mtime_ms := now_ms;
-    r_folded := cur + added;
-    r_summary := NULL;
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION {self._lock_fn}(p_project text, p_session text,
-    OUT r_length bigint, OUT r_folded bigint, OUT r_mtime_ms bigint, OUT r_summary text)
+CREATE OR REPLACE FUNCTION {self._lock_fn}(p_project text, p_session text, p_producer text,
+    OUT r_length bigint, OUT r_folded bigint, OUT r_mtime_ms bigint, OUT r_summary text,
+    OUT r_mark bigint)
 LANGUAGE plpgsql AS $fn$
 BEGIN
-    -- For the caller's transaction: lock a main transcript and its summary, read both.
+    -- For the caller's transaction: lock a main transcript and its summary, read
+    -- both and the producer's mark (stable while the key row is locked).
     PERFORM {lock};
     INSERT INTO {self._keys} (project_key, session_id, subpath, entry_count, mtime_ms)
     VALUES (p_project, p_session, '', 0, 0) ON CONFLICT DO NOTHING;
@@ -623,12 +677,16 @@ BEGIN
      WHERE s.project_key = p_project AND s.session_id = p_session
        FOR UPDATE;
     r_folded := coalesce(r_folded, 0);
+    SELECT m.mark INTO r_mark FROM {self._marks} m
+     WHERE m.project_key = p_project AND m.session_id = p_session AND m.subpath = ''
+       AND m.producer = p_producer;
 END
 $fn$;
 
 CREATE OR REPLACE FUNCTION {self._delete_fn}(p_project text, p_session text, p_subpath text)
 RETURNS void LANGUAGE plpgsql AS $fn$
 BEGIN
+    -- The key's (and subkeys') __marks rows stay: they are the tombstone.
     PERFORM {xlock};
     IF p_subpath IS NULL THEN
         DELETE FROM {self._entries} WHERE project_key = p_project AND session_id = p_session;
@@ -647,11 +705,12 @@ $fn$;
     # ------------------------------------------------------------------
 
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
-        """Append ``entries`` at the key's current end, atomically."""
+        """Append ``entries`` at the key's current end, atomically. No producer: a
+        retry appends again (the SDK's own contract); walmirror calls ``append_batch``."""
         k = self._check_key(key)
-        texts = _serialise(k, entries)
+        texts = _encode(k, entries)
         if texts:
-            await self._append(k, None, entries, texts)
+            await self._append(k, texts, None, entries)
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         """All entries of ``key`` in order, or ``None`` if it holds none."""
@@ -674,7 +733,8 @@ $fn$;
         return [{"session_id": row[0], "mtime": row[1], "data": json.loads(row[2])} for row in rows]
 
     async def delete(self, key: SessionKey) -> None:
-        """Delete a transcript; a main key also takes its subkeys and summary."""
+        """Delete a transcript; a main key also takes its subkeys and summary. Every
+        producer's mark stays: the tombstone (see the module docstring)."""
         k = self._check_key(key)
         self._heads.pop((k["project_key"], k["session_id"]), None)
         await self._fetch(self._sql_delete, k["project_key"], k["session_id"], k.get("subpath"))
@@ -687,32 +747,27 @@ $fn$;
         return [row[0] for row in rows]
 
     # ------------------------------------------------------------------
-    # Offset interface (walmirror.backend.OffsetStore)
+    # The delivery protocol (walmirror.protocol.ProducerStore)
     # ------------------------------------------------------------------
 
-    async def append_at(
-        self,
-        key: SessionKey,
-        offset: int,
-        entries: list[SessionStoreEntry],
-        *,
-        encoded: Sequence[bytes] | None = None,
-    ) -> int:
-        """Store ``entries`` at ``offset``; see ``walmirror.backend``. Returns the new length.
-
-        ``encoded``: each entry's JSON as the queue holds it (UTF-8), stored as
-        is instead of serialising ``entries`` again.
-        """
+    async def append_batch(self, key: SessionKey, batch: Batch) -> Receipt:
+        """The atomic step of ``walmirror.protocol``: skip what the producer's mark
+        covers, append the rest at the end. One call of ``__append_batch``."""
         k = self._check_key(key)
-        check_append_at(k, offset, entries, encoded)
-        if encoded is None:
-            texts = _serialise(k, entries)
-        else:
-            try:
-                texts = [b.decode() for b in encoded]
-            except UnicodeDecodeError:
-                raise InvalidEntryError(f"{describe_key(k)}: encoded entry is not UTF-8") from None
-        return await self._append(k, offset, entries, texts)
+        check_batch(describe_key(k), batch)
+        try:
+            texts = [b.decode() for b in batch.encoded]
+        except UnicodeDecodeError:
+            raise InvalidEntryError(f"{describe_key(k)}: an encoded entry is not UTF-8") from None
+        row = await self._append(k, texts, batch, None)
+        return Receipt(appended=row["r_appended"], mark=row["r_mark"], length=row["r_length"])
+
+    async def producer_mark(self, key: SessionKey, producer: str) -> int | None:
+        """The producer's highest stored seq for ``key`` (``None``: it has none)."""
+        k = self._check_key(key)
+        args = (k["project_key"], k["session_id"], _sub(k), producer)
+        rows = await self._fetch(self._sql_mark, *args)
+        return int(rows[0][0]) if rows else None
 
     async def length(self, key: SessionKey) -> int:
         """How many entries ``key`` holds (0 if never written or deleted)."""
@@ -720,97 +775,110 @@ $fn$;
         head = await self._read_head(k)
         return head.length
 
-    # ------------------------------------------------------------------
-    # The append protocol
-    # ------------------------------------------------------------------
-
     async def _append(
         self,
         key: SessionKey,
-        offset: int | None,
-        entries: list[SessionStoreEntry],
         texts: list[str],
-    ) -> int:
+        batch: Batch | None,
+        plain: list[SessionStoreEntry] | None,
+    ) -> asyncpg.Record:
+        """Store ``batch`` (or, without a producer, the ``plain`` entries) through
+        ``__append_batch``; returns its row, status "ok" or "appended"."""
         project, session, subpath = key["project_key"], key["session_id"], _sub(key)
         if subpath:  # no summary: the function alone decides
-            args = (project, session, subpath, offset, texts, None, None, None)
-            return self._outcome(key, offset, await self._fetchrow(key, self._sql_append, *args))
+            args = (*self._call(key, texts, batch), None, None, None, None)
+            return self._outcome(key, batch, await self._fetchrow(key, self._sql_append, *args))
         ident = (project, session)
         head = self._heads.get(ident)
         if head is None:
-            # Unknown here: guess a new session when the batch starts one (a wrong
-            # guess costs what reading first would: one more round trip).
-            head = _Head(0, 0, None) if not offset else await self._read_head(key)
-        row, data = await self._fold_and_append(None, key, offset, entries, texts, head)
+            # Unknown here: guess a new session when the producer knows of nothing it
+            # stored (a wrong guess costs the locked retry below), else read it first.
+            new = batch is None or batch.expect is None
+            head = _Head(0, 0, None) if new else await self._read_head(key)
+        # In the steady state the producer's mark is what it expects.
+        skip = 0 if batch is None else skip_count(describe_key(key), batch, batch.expect)
+        row, data = await self._fold_and_append(None, key, texts, batch, plain, head, skip)
         if row["r_status"] == "stale":
-            # Another writer got there first. Retrying optimistically could lose
-            # the race again and again; fold under the session's row locks instead.
-            row, data = await self._append_locked(key, offset, entries, texts)
+            # Another writer got there first, or the guess was wrong. Retrying
+            # optimistically could lose the race again and again; fold under the
+            # session's row locks instead.
+            self._heads.pop(ident, None)
+            row, data = await self._append_locked(key, texts, batch, plain)
         if row["r_status"] == "appended" and data is not None:
             length = row["r_length"]
             summary = _summary(session, row["r_mtime_ms"], data)
             self._remember(ident, _Head(length, length, summary))
         elif row["r_length"] != head.length:
             self._heads.pop(ident, None)
-        return self._outcome(key, offset, row)
+        return self._outcome(key, batch, row)
+
+    def _call(self, key: SessionKey, texts: list[str], batch: Batch | None) -> tuple[Any, ...]:
+        """``__append_batch``'s arguments before the summary's."""
+        where = (key["project_key"], key["session_id"], _sub(key))
+        if batch is None:
+            return (*where, None, None, None, texts)
+        return (*where, batch.producer, batch.first_seq, batch.expect, texts)
 
     async def _fold_and_append(
         self,
         conn: Any,
         key: SessionKey,
-        offset: int | None,
-        entries: list[SessionStoreEntry],
         texts: list[str],
+        batch: Batch | None,
+        plain: list[SessionStoreEntry] | None,
         head: _Head,
+        skip: int,
     ) -> tuple[asyncpg.Record, dict[str, Any] | None]:
-        """Fold the entries past ``head`` onto its summary and call ``__append``
-        (on ``conn``, or on the pool when ``None``). The function stores the
-        batch only if ``head`` still describes the session ("stale" otherwise)."""
-        start = head.length if offset is None else offset
-        new = entries[head.length - start :] if start <= head.length else []
+        """Fold the entries past the first ``skip`` onto ``head``'s summary and call
+        ``__append_batch`` (on ``conn``, or on the pool when ``None``). The function
+        stores the batch only if ``head`` and ``skip`` still hold ("stale" otherwise)."""
         data: dict[str, Any] | None = None
         summary_text: str | None = None
-        if new:
+        if skip < len(texts):
+            try:
+                entries = batch.entries if batch is not None else plain or []
+            except ValueError:  # bytes that are not JSON; the message would quote them
+                raise InvalidEntryError(
+                    f"{describe_key(key)}: an encoded entry is not JSON"
+                ) from None
             backlog = await self._backlog(conn, key, head)
-            data = fold_session_summary(head.summary, key, backlog + new)["data"]
-            summary_text = _ENCODER.encode(data)
-        args = (key["project_key"], key["session_id"], "", offset, texts)
-        row = await self._fetchrow(
-            key, self._sql_append, *args, head.length, head.folded, summary_text, conn=conn
-        )
+            data = fold_session_summary(head.summary, key, backlog + entries[skip:])["data"]
+            summary_text = encode_entry(data).decode()
+        args = (*self._call(key, texts, batch), head.length, head.folded, skip, summary_text)
+        row = await self._fetchrow(key, self._sql_append, *args, conn=conn)
         return row, data
 
     async def _append_locked(
         self,
         key: SessionKey,
-        offset: int | None,
-        entries: list[SessionStoreEntry],
         texts: list[str],
+        batch: Batch | None,
+        plain: list[SessionStoreEntry] | None,
     ) -> tuple[asyncpg.Record, dict[str, Any] | None]:
         """``_fold_and_append`` in a transaction that first locks the session's
-        rows (``__lock``) and reads its state: nobody can change it before the
-        append, so the append cannot be stale. A few round trips, on contention only."""
+        rows (``__lock``) and reads its state and the producer's mark: nobody can
+        change them before the append, so the append cannot be stale. A few round
+        trips, on contention and cache misses only."""
         pool = self._pool if self._pool is not None else await self._ready()
+        producer = None if batch is None else batch.producer
         async with pool.acquire() as conn, conn.transaction():
-            state = await self._fetchrow(
-                key, self._sql_lock, key["project_key"], key["session_id"], conn=conn
-            )
+            args = (key["project_key"], key["session_id"], producer)
+            state = await self._fetchrow(key, self._sql_lock, *args, conn=conn)
             head = _head_from(key["session_id"], state)
-            row, data = await self._fold_and_append(conn, key, offset, entries, texts, head)
+            # MarkBehindError here rolls the transaction back: nothing written.
+            skip = 0 if batch is None else skip_count(describe_key(key), batch, state["r_mark"])
+            row, data = await self._fold_and_append(conn, key, texts, batch, plain, head, skip)
         if row["r_status"] == "stale":  # pragma: no cover - the locks rule it out
             raise WalmirrorError(f"{describe_key(key)}: the session changed under its lock")
         return row, data
 
-    def _outcome(self, key: SessionKey, offset: int | None, row: asyncpg.Record) -> int:
-        status, length = row["r_status"], row["r_length"]
+    def _outcome(self, key: SessionKey, batch: Batch | None, row: asyncpg.Record) -> asyncpg.Record:
+        status = row["r_status"]
         if status in ("ok", "appended"):
-            return int(length)
+            return row
         self._heads.pop((key["project_key"], key["session_id"]), None)
-        where = length if offset is None else offset
-        if status == "gap":
-            raise OffsetGapError(describe_key(key), where, length)
-        if status == "conflict":
-            raise OffsetConflictError(describe_key(key), where, length)
+        if status == "behind" and batch is not None and batch.expect is not None:
+            raise MarkBehindError(describe_key(key), row["r_mark"], batch.expect)
         raise WalmirrorError(f"{describe_key(key)}: unexpected append status {status!r}")
 
     async def _read_head(self, key: SessionKey) -> _Head:
@@ -857,12 +925,6 @@ $fn$;
             if conn is None:
                 conn = self._pool if self._pool is not None else await self._ready()
             row = await conn.fetchrow(sql, *args)
-        except asyncpg.DataError:
-            # asyncpg's message quotes the argument: keep only what went wrong.
-            raise InvalidEntryError(
-                f"{describe_key(key)}: the batch cannot be encoded for PostgreSQL "
-                "(a string that is not valid Unicode)"
-            ) from None
         except asyncpg.PostgresError as exc:
             raise _translate(exc) from None
         if row is None:  # pragma: no cover - each of these queries returns one row
@@ -909,8 +971,8 @@ def _int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def _serialise(key: SessionKey, entries: list[SessionStoreEntry]) -> list[str]:
-    """One JSON text per entry, or ``InvalidEntryError`` naming only index and type."""
+def _encode(key: SessionKey, entries: list[SessionStoreEntry]) -> list[str]:
+    """Each entry's canonical JSON, or ``InvalidEntryError`` naming only index and type."""
     if not isinstance(entries, list):
         raise InvalidEntryError(f"{describe_key(key)}: entries must be a list")
     texts: list[str] = []
@@ -920,7 +982,7 @@ def _serialise(key: SessionKey, entries: list[SessionStoreEntry]) -> list[str]:
                 f"{describe_key(key)}: entry {i} is a {type(entry).__name__}, not a JSON object"
             )
         try:
-            texts.append(_ENCODER.encode(entry))
+            texts.append(encode_entry(entry).decode())
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidEntryError(
                 f"{describe_key(key)}: entry {i} is not JSON-serialisable ({type(exc).__name__})"

@@ -1,10 +1,13 @@
-"""``RedisStore``: session transcripts in Redis, appended by an offset-checking Lua script.
+"""``RedisStore``: session transcripts in Redis, written by walmirror's protocol in one Lua call.
 
 Storage layout, for a ``prefix`` P (default ``"walmirror"``) and the encoded key
 parts ``<project>``, ``<session>`` and ``<subpath>``::
 
     P:t:{<project>}:<session>             LIST  main transcript: one entry per element
     P:u:{<project>}:<session>:<subpath>   LIST  subagent transcript ("subagents/agent-1")
+    P:p:{<project>}:<session>             HASH  marks of the main key: producer -> highest
+                                                seq stored (decimal text)
+    P:q:{<project>}:<session>:<subpath>   HASH  marks of one subagent key, the same way
     P:k:{<project>}:<session>             SET   encoded subpaths of the session's subagent lists
     P:m:{<project>}:<session>             HASH  summary: data (JSON of the fold's ``data``),
                                                 mtime (epoch ms), folded (entries it covers),
@@ -12,9 +15,8 @@ parts ``<project>``, ``<session>`` and ``<subpath>``::
     P:i:{<project>}                       ZSET  session index: session_id -> mtime (epoch ms)
                                                 of the main transcript's last append
 
-An element is one entry as canonical JSON: ``json.dumps(entry, ensure_ascii=False,
-separators=(",", ":"), allow_nan=False)`` in UTF-8, the bytes ``FileStore`` writes
-as a line and walmirror's queue keeps.
+An element is one entry's canonical JSON (``walmirror.protocol.encode_entry``),
+the bytes ``FileStore`` writes as a line and walmirror's queue keeps.
 
 Key encoding. Every part is percent-encoded as UTF-8: each byte outside
 ``A-Z a-z 0-9 - . _ ~`` becomes ``%XX`` (upper-case hex), as
@@ -32,54 +34,69 @@ so every script touches a single slot (the client here is a plain
 also deletes the subagent lists its SET names: names it builds itself, in the
 same slot, but not declared in ``KEYS``.
 
-Offsets (``walmirror.backend``). One EVALSHA per call: the script reads the
-list's length, refuses a gap (``OffsetGapError``), compares the overlap with
-what is stored and ``RPUSH``es the new suffix, atomically. The overlap check is
-byte equality of the canonical JSON in the script; only when bytes differ does
-the script return the stored overlap, and Python compares the parsed JSON
-(deep equality, Python ``==``): an entry re-serialised with another key order is
-still a repeat, a different entry is an ``OffsetConflictError`` and nothing is
-written. A plain ``append`` is the same script at "whatever the length is".
+The atomic step (``walmirror.protocol``). ``append_batch`` is one EVALSHA: the
+script ``HGET``s the producer's mark from the key's marks HASH, refuses the
+batch when ``expect`` is set and the mark is missing or below it
+(``MarkBehindError``, nothing written), skips the batch's entries at or below
+the mark, ``RPUSH``es the rest and ``HSET``s the mark to the batch's last seq.
+Seqs reach 2**63-1 but Lua 5.1 numbers are doubles, so seqs travel and are
+stored as decimal text and the script compares them by splitting each into
+its digits above and below 10**9 (both parts exact in a double). A plain
+``append`` is the same script without a producer: no mark, no skip.
 
 Summaries, folded exactly once with the SDK's ``fold_session_summary`` (main
 keys only). The store remembers, per session, the last summary it wrote and its
-version token ``v``. Before an append it folds the batch into that summary and
-sends the result along; the script stores it in the same atomic step only if
-the batch was appended whole (no overlap) at the length the stored summary
-covers (``folded``) and the stored version is the one that fold started from.
-That is the steady state of one writer: one round trip, summary and transcript
-in one atomic step. Otherwise (a repeat, another writer, a fresh process, a
-summary left behind by a crash) the append lands alone and the summary is
-caught up with an optimistic transaction: ``WATCH`` the list and the summary,
-read ``folded`` and the entries after it, fold them, ``MULTI``/``HSET``/``EXEC``,
-retry on a conflict. Each entry is folded once whatever the interleaving; a
-failed catch-up is logged, not raised (the entries are stored; raising would
-make the SDK resend them), and the next append catches up.
+version token ``v``, and per key and producer the last mark it saw. Before a
+call it guesses the skip from that mark (or ``expect``), folds the entries that
+will be appended into the remembered summary and sends the result along; the
+script stores it in the same atomic step only if its skip is the guessed one,
+the stored summary covers the whole list (``folded``) and its version is the
+one that fold started from. That is the steady state of one writer: one round
+trip, summary, transcript and mark in one atomic step. Otherwise (a repeat,
+another writer, a fresh process, a summary left behind by a crash) the append
+lands alone and the summary is caught up with an optimistic transaction:
+``WATCH`` the list and the summary, read ``folded`` and the entries after it,
+fold them, ``MULTI``/``HSET``/``EXEC``, retry on a conflict. Only appended
+entries are in the list, so each is folded once whatever the interleaving; a
+failed catch-up is logged, not raised (the entries are stored), and the next
+append catches up.
 
 Clock: ``mtime`` comes from the server's ``TIME`` inside the script, never below
 the session's previous mtime; the summary is stamped with the mtime of the
 transcript state it covers, so it shares ``list_sessions``' clock and equals it
 when up to date (an older summary mtime honestly says "stale").
 
-Retention: Redis keys here never expire unless ``ttl`` is given; ``delete()``
-removes a session (a main key takes its subagent lists, SET, summary and index
-entry with it; a subpath key only its own list). With ``ttl=seconds`` every key
-an append touches gets that TTL again (sliding expiry of idle sessions), stale
-index members are pruned, and listings skip what has expired. Choose a ``ttl``
-far beyond any session's idle time: a key expiring under a live session makes
-walmirror park it with ``OffsetGapError``. Redis must not evict: run it with
-``maxmemory-policy noeviction`` (an ``allkeys-*`` policy, or ``volatile-*`` with
-``ttl``, drops transcripts silently when memory fills) and with AOF
-(``appendonly yes``, ``appendfsync always`` for walmirror's durability);
-``check_server()`` reports what it finds, for ``verify``/``status``.
+Deletes and tombstones: ``delete()`` removes a session's transcript (a main key
+takes its subagent lists, SET, summary and index entry with it; a subpath key
+only its own list) and keeps the marks HASHes, ``P:p:...`` and every
+``P:q:...``: they are the key's tombstone, so a retry from before the delete is
+skipped and later batches start a fresh transcript. Without ``ttl`` a
+tombstone lives until an operator removes it (a few dozen bytes per producer),
+which is safe once no queue that wrote the key holds undelivered entries for
+it: ``DEL P:p:{<project>}:<session>`` and each name that
+``SCAN 0 MATCH P:q:{<project>}:<session>:*`` lists.
 
-Round trips: ``append_at`` and ``append`` are one EVALSHA each (plus the
-catch-up transaction in the cases above); ``append_at(..., encoded=...)`` takes
-the queue's JSON bytes and ``RPUSH``es them without serialising again. ``load``
-reads ``LRANGE`` chunks of 2000; listings pipeline their per-session reads.
+Retention and lost data: with ``ttl=seconds`` every key an append touches,
+marks included, gets that TTL again (sliding expiry of idle sessions), stale
+index members are pruned, and listings skip what has expired. Marks expire
+with the data: an expired key is a deleted key whose tombstone expired too, so
+a producer that still holds unacknowledged entries of it starts it afresh and
+one with ``expect`` set gets ``MarkBehindError``. Choose a ``ttl`` far beyond
+any session's idle time. Marks live in Redis beside the data, so whatever loses
+the data loses the marks with it: a restart without persistence empties both,
+and the next batch with ``expect`` set raises ``MarkBehindError`` (walmirror
+re-sends what its queue retains and reports the rest). Redis must not evict:
+run it with ``maxmemory-policy noeviction`` and with AOF (``appendonly yes``,
+``appendfsync always``); ``check_server()`` reports what it finds, for
+``verify``/``status``.
+
+Round trips: ``append_batch`` and ``append`` are one EVALSHA each (plus the
+catch-up transaction in the cases above); ``append_batch`` ``RPUSH``es the
+batch's encoded bytes as they are and parses them only to fold a summary.
+``load`` reads ``LRANGE`` chunks of 2000; listings pipeline their per-session reads.
 
 Client: ``redis.asyncio.Redis`` with ``decode_responses=False``. ``from_url``
-turns off redis-py's own retries (walmirror retries with offsets; a hidden
+turns off redis-py's own retries (walmirror retries with marks; a hidden
 retry of a plain ``append`` whose reply was lost would store it twice) and
 speaks RESP2 (see ``from_url``).
 """
@@ -93,7 +110,6 @@ import random
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import count
 from typing import Any, cast
@@ -113,16 +129,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError, WatchError
 
-from walmirror.backend import check_append_at
 from walmirror.errors import (
+    CorruptTranscriptError,
     InvalidEntryError,
     InvalidKeyError,
-    OffsetConflictError,
-    OffsetGapError,
+    MarkBehindError,
     PermanentBackendError,
     WalmirrorError,
 )
 from walmirror.keys import describe_key, validate_key, validate_project_key
+from walmirror.protocol import PRODUCER_PATTERN, Batch, Receipt, check_batch, encode_entry
 
 __all__ = ["DEFAULT_PREFIX", "CorruptTranscriptError", "RedisStore", "WrongTypeError"]
 
@@ -132,78 +148,95 @@ DEFAULT_PREFIX = "walmirror"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,100}")
 _CHUNK = 2000  # list elements (or sessions) per read
 _CAS_ATTEMPTS = 50  # optimistic summary transactions before giving up until the next append
-_CACHE_SIZE = 4096  # sessions whose last summary this store remembers
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_CACHE_SIZE = 4096  # sessions whose last summary (and keys whose marks) this store remembers
 
-# KEYS: transcript LIST, then index ZSET + summary HASH (main key) or subkey SET (subpath).
-# ARGV: offset (-1: at the end), member (session id or encoded subpath), ttl ms (0: none),
-#       summary version the pre-folded summary starts from ('-': none sent),
-#       pre-folded summary data, its new version, then the entries.
+# KEYS: transcript LIST, marks HASH, then index ZSET + summary HASH (main key) or
+#       subkey SET (subpath).
+# ARGV: 1 member (session id or encoded subpath), 2 ttl ms (0: none),
+#       3 producer ('': a plain append), 4 first seq, 5 last seq, 6 expect ('': none),
+#       7 the skip the pre-folded summary assumes, 8 summary version it starts from
+#       ('-': none sent), 9 pre-folded summary data, 10 its new version, 11.. the entries.
+# Seqs are decimal text: Lua 5.1 numbers are doubles, exact only below 2^53.
 _APPEND_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end
-local list = KEYS[1]
-local len = redis.call('LLEN', list)
-local off = tonumber(ARGV[1])
-if off < 0 then off = len end
-if off > len then return {'gap', len} end
-local first = 7
+-- a - b for seqs given as decimal text: exact when |a - b| < 2^53, the right sign always
+local function split(s)
+  if #s <= 9 then return 0, tonumber(s) end
+  return tonumber(string.sub(s, 1, #s - 9)), tonumber(string.sub(s, #s - 8))
+end
+local function minus(a, b)
+  local ah, al = split(a)
+  local bh, bl = split(b)
+  return (ah - bh) * 1000000000 + (al - bl)
+end
+local list, marks = KEYS[1], KEYS[2]
+local producer = ARGV[3]
+local first = 11
 local n = #ARGV - first + 1
-local overlap = math.min(len - off, n)
-if overlap > 0 then
-  local stored = redis.call('LRANGE', list, off, off + overlap - 1)
-  for i = 1, overlap do
-    if stored[i] ~= ARGV[first + i - 1] then
-      local reply = {'differ', len}
-      for j = 1, overlap do reply[j + 2] = stored[j] end
-      return reply
-    end
+local mark = false
+local skip = 0
+if producer ~= '' then
+  mark = redis.call('HGET', marks, producer)
+  if ARGV[6] ~= '' and (not mark or minus(mark, ARGV[6]) < 0) then
+    return {'behind', mark or ''}
+  end
+  if mark then
+    local d = minus(mark, ARGV[4])
+    if d >= 0 then skip = math.min(n, d + 1) end
   end
 end
-local i = first + overlap
+local len = redis.call('LLEN', list)
+local i = first + skip
 while i <= #ARGV do
   local j = math.min(i + 999, #ARGV)
   redis.call('RPUSH', list, unpack(ARGV, i, j))
   i = j + 1
 end
-local added = n - overlap
+local added = n - skip
 local newlen = len + added
-local ttl = tonumber(ARGV[3])
-if #KEYS == 2 then
-  if added > 0 then
-    redis.call('SADD', KEYS[2], ARGV[2])
-    if ttl > 0 then
-      redis.call('PEXPIRE', list, ttl)
-      redis.call('PEXPIRE', KEYS[2], ttl)
-    end
-  end
-  return {'ok', newlen, len}
+if producer ~= '' and added > 0 then
+  mark = ARGV[5]
+  redis.call('HSET', marks, producer, mark)
 end
-local index, summary = KEYS[2], KEYS[3]
-local mtime = tonumber(redis.call('ZSCORE', index, ARGV[2]) or '0')
+local ttl = tonumber(ARGV[2])
+if ttl > 0 and added > 0 then
+  redis.call('PEXPIRE', list, ttl)
+  redis.call('PEXPIRE', marks, ttl)
+end
+if #KEYS == 3 then
+  if added > 0 then
+    redis.call('SADD', KEYS[3], ARGV[1])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+  end
+  return {'ok', newlen, mark or '', added}
+end
+local index, summary = KEYS[3], KEYS[4]
+local mtime = tonumber(redis.call('ZSCORE', index, ARGV[1]) or '0')
 if added > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if now > mtime then mtime = now end
-  redis.call('ZADD', index, string.format('%d', mtime), ARGV[2])
+  redis.call('ZADD', index, string.format('%d', mtime), ARGV[1])
   if ttl > 0 then
-    redis.call('PEXPIRE', list, ttl)
     redis.call('PEXPIRE', index, ttl)
     redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. string.format('%d', mtime - ttl))
   end
 end
 local folded = tonumber(redis.call('HGET', summary, 'folded') or '0')
 local version = redis.call('HGET', summary, 'v') or ''
-if added > 0 and overlap == 0 and ARGV[4] ~= '-' and folded == len and version == ARGV[4] then
-  redis.call('HSET', summary, 'data', ARGV[5], 'mtime', string.format('%d', mtime),
-             'folded', newlen, 'v', ARGV[6])
+if added > 0 and skip == tonumber(ARGV[7]) and ARGV[8] ~= '-' and folded == len
+    and version == ARGV[8] then
+  redis.call('HSET', summary, 'data', ARGV[9], 'mtime', string.format('%d', mtime),
+             'folded', newlen, 'v', ARGV[10])
   if ttl > 0 then redis.call('PEXPIRE', summary, ttl) end
-  return {'folded', newlen, len, mtime}
+  return {'folded', newlen, mark or '', added}
 end
-return {'ok', newlen, len, mtime, folded}
+return {'ok', newlen, mark or '', added, folded}
 """
 
 # KEYS: main transcript LIST, summary HASH, subkey SET, index ZSET.
 # ARGV: session id, name prefix of the session's subagent lists.
+# The marks HASHes (P:p:..., P:q:...) stay: they are the tombstone.
 _DELETE_LUA = """
 local subs = redis.call('SMEMBERS', KEYS[3])
 for _, s in ipairs(subs) do redis.call('DEL', ARGV[2] .. s) end
@@ -211,10 +244,6 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return #subs
 """
-
-
-class CorruptTranscriptError(WalmirrorError):
-    """An element of a transcript list is not a JSON object (``RedisStore`` never writes one)."""
 
 
 class WrongTypeError(PermanentBackendError):
@@ -226,6 +255,7 @@ class _Names:
     """The Redis names one ``SessionKey`` touches."""
 
     transcript: str  # this key's LIST
+    marks: str  # this key's HASH of producer marks
     index: str  # the project's ZSET
     subkeys: str  # the session's SET of encoded subpaths
     summary: str  # the session's HASH
@@ -237,6 +267,7 @@ class _Names:
 class _Prefold:
     """A batch folded ahead of its append, for the script to store with it."""
 
+    skip: int  # leading entries of the batch the fold assumes are repeats
     base_version: str  # version of the stored summary the fold starts from ("": none)
     data: dict[str, Any]
     data_json: bytes
@@ -253,13 +284,14 @@ class _Folded:
 
 
 class RedisStore(SessionStore):
-    """A ``SessionStore`` (and offset-aware backend) keeping transcripts in Redis.
+    """A ``SessionStore`` (and ``walmirror.protocol.ProducerStore``) keeping transcripts in Redis.
 
     ``client`` is a ``redis.asyncio.Redis`` built with ``decode_responses=False``
     (the default); the store does not close a client it was given. ``prefix``
     namespaces every key (letters, digits, ``_ . - : /``). ``ttl`` (seconds)
-    gives every key a sliding expiry, refreshed by each append; ``None`` keeps
-    keys until ``delete()``.
+    gives every key a sliding expiry, refreshed by each append, marks included;
+    ``None`` keeps transcripts until ``delete()`` and marks (the tombstones)
+    until an operator removes them (see the module docstring).
     """
 
     def __init__(
@@ -286,6 +318,7 @@ class RedisStore(SessionStore):
         self._append_script = client.register_script(_APPEND_LUA)
         self._delete_script = client.register_script(_DELETE_LUA)
         self._summaries: OrderedDict[tuple[str, str], _Folded] = OrderedDict()
+        self._marks: OrderedDict[tuple[str, str], int] = OrderedDict()  # (marks name, producer)
         self._version_base = secrets.token_hex(6)
         self._versions = count(1)
 
@@ -392,9 +425,9 @@ class RedisStore(SessionStore):
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         """Append ``entries`` at the key's current end (one atomic script call)."""
         k, names = self._check_key(key)
-        lines = _serialise(k, entries)
+        lines = _encode_entries(k, entries)
         if lines:
-            await self._append(k, names, None, list(entries), lines)
+            await self._append(k, names, lines, None, list(entries))
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         """All entries of ``key`` in order (read in chunks), or ``None`` if it holds none."""
@@ -471,28 +504,31 @@ class RedisStore(SessionStore):
         return sorted(subkeys)
 
     # ------------------------------------------------------------------
-    # Offset interface (walmirror.backend.OffsetStore)
+    # The protocol (walmirror.protocol.ProducerStore)
     # ------------------------------------------------------------------
 
-    async def append_at(
-        self,
-        key: SessionKey,
-        offset: int,
-        entries: list[SessionStoreEntry],
-        *,
-        encoded: Sequence[bytes] | None = None,
-    ) -> int:
-        """Store ``entries`` at ``offset``; see ``walmirror.backend``. Returns the new length.
+    async def append_batch(self, key: SessionKey, batch: Batch) -> Receipt:
+        """The protocol's atomic step, one EVALSHA; see ``walmirror.protocol``.
 
-        ``encoded``, when given, is each entry's JSON text as UTF-8 bytes (what
-        walmirror's queue holds: the same canonical form this store writes), and
-        is stored as is instead of serialising ``entries`` again. Entries are
-        then only read for the summary fold (main keys).
+        Stores ``batch.encoded`` as it is; parses it only to fold the summary
+        (main keys). Raises ``MarkBehindError`` (nothing written) when the
+        producer's mark is missing or below ``batch.expect``.
         """
         k, names = self._check_key(key)
-        check_append_at(k, offset, entries, encoded)
-        lines = _serialise(k, entries) if encoded is None else list(encoded)
-        return await self._append(k, names, offset, list(entries), lines)
+        check_batch(describe_key(k), batch)
+        receipt = await self._append(k, names, list(batch.encoded), batch, None)
+        assert receipt is not None
+        return receipt
+
+    async def producer_mark(self, key: SessionKey, producer: str) -> int | None:
+        """The highest seq of ``producer`` stored for ``key`` (kept across deletes), or ``None``."""
+        k, names = self._check_key(key)
+        if not isinstance(producer, str) or not PRODUCER_PATTERN.fullmatch(producer):
+            raise ValueError(
+                f"{describe_key(k)}: producer id must match {PRODUCER_PATTERN.pattern}"
+            )
+        mark = await self._redis.hget(names.marks, producer)
+        return None if mark is None else int(mark)
 
     async def length(self, key: SessionKey) -> int:
         """How many entries ``key`` holds (0 if never written or deleted)."""
@@ -561,12 +597,13 @@ class RedisStore(SessionStore):
         p = self._prefix
         sub_prefix = f"{p}:u:{base}:"
         if subpath is None:
-            transcript, member = f"{p}:t:{base}", session_id
+            transcript, marks, member = f"{p}:t:{base}", f"{p}:p:{base}", session_id
         else:
             member = _encode(subpath)
-            transcript = sub_prefix + member
+            transcript, marks = sub_prefix + member, f"{p}:q:{base}:{member}"
         return _Names(
             transcript=transcript,
+            marks=marks,
             index=f"{p}:i:{{{project}}}",
             subkeys=f"{p}:k:{base}",
             summary=f"{p}:m:{base}",
@@ -582,60 +619,91 @@ class RedisStore(SessionStore):
         self,
         key: SessionKey,
         names: _Names,
-        offset: int | None,
-        entries: list[SessionStoreEntry],
         lines: list[bytes],
-    ) -> int:
+        batch: Batch | None,
+        entries: list[SessionStoreEntry] | None,
+    ) -> Receipt | None:
+        """One run of the append script: ``batch``'s atomic step, or (``batch`` is
+        ``None``) a plain append of ``entries``. Returns the receipt of a batch."""
         main = "subpath" not in key
-        off = -1 if offset is None else offset
-        while True:
-            if main:
-                keys = [names.transcript, names.index, names.summary]
-                pre = self._prefold(key, off, entries)
-                head: list[Any] = [off, names.member, self._ttl_ms, "-", b"", ""]
-                if pre is not None:
-                    head[3:] = [pre.base_version, pre.data_json, pre.version]
-            else:
-                keys = [names.transcript, names.subkeys]
-                pre = None
-                head = [off, names.member, self._ttl_ms, "-", b"", ""]
-            reply = await self._run(self._append_script, key, keys, [*head, *lines])
-            status = _text(reply[0])
-            if status == "gap":
-                raise OffsetGapError(describe_key(key), off, int(reply[1]))
-            if status == "differ":
-                length, stored = int(reply[1]), reply[2:]
-                if not _same_entries(stored, lines):
-                    raise OffsetConflictError(describe_key(key), off, length)
-                # A repeat serialised differently: append the rest after what is stored.
-                entries, lines, off = entries[len(stored) :], lines[len(stored) :], length
-                continue
-            new_length = int(reply[1])
-            if status == "folded" and pre is not None:
-                self._remember(key, _Folded(new_length, pre.data, pre.version))
-            elif main and int(reply[4]) != new_length:
-                await self._catch_up_safely(key, names)
-            return new_length
+        seqs: list[Any] = ["", "", "", ""]  # producer, first seq, last seq, expect
+        if batch is not None:
+            expect = "" if batch.expect is None else str(batch.expect)
+            seqs = [batch.producer, str(batch.first_seq), str(batch.last_seq), expect]
+        pre = self._prefold(key, names, batch, entries) if main else None
+        summary: list[Any] = [0, "-", b"", ""]
+        if pre is not None:
+            summary = [pre.skip, pre.base_version, pre.data_json, pre.version]
+        keys = [names.transcript, names.marks]
+        keys += [names.index, names.summary] if main else [names.subkeys]
+        args = [names.member, self._ttl_ms, *seqs, *summary, *lines]
+        reply = await self._run(self._append_script, key, keys, args)
+        status = _text(reply[0])
+        if status == "behind":
+            assert batch is not None and batch.expect is not None
+            mark = int(reply[1]) if reply[1] else None
+            self._remember_mark(names, batch.producer, mark)
+            raise MarkBehindError(describe_key(key), mark, batch.expect)
+        new_length, added = int(reply[1]), int(reply[3])
+        if status == "folded" and pre is not None:
+            self._remember(key, _Folded(new_length, pre.data, pre.version))
+        elif main and int(reply[4]) != new_length:
+            await self._catch_up_safely(key, names)
+        if batch is None:
+            return None
+        mark = int(reply[2])
+        self._remember_mark(names, batch.producer, mark)
+        return Receipt(appended=added, mark=mark, length=new_length)
 
     def _prefold(
-        self, key: SessionKey, offset: int, entries: list[SessionStoreEntry]
+        self,
+        key: SessionKey,
+        names: _Names,
+        batch: Batch | None,
+        entries: list[SessionStoreEntry] | None,
     ) -> _Prefold | None:
-        """``entries`` folded into the summary this store last wrote, when worth sending."""
+        """The entries this call will append, guessed from the producer's last known
+        mark, folded into the summary this store last wrote (the script checks both)."""
+        skip = 0
+        if batch is not None:
+            known = self._marks.get((names.marks, batch.producer))
+            if batch.expect is not None and (known is None or known < batch.expect):
+                known = batch.expect
+            if known is not None:
+                skip = max(0, min(len(batch), known - batch.first_seq + 1))
+            if skip == len(batch):
+                return None  # a repeat: nothing to fold
+            try:
+                entries = batch.entries[skip:]
+            except ValueError:
+                raise InvalidEntryError(
+                    f"{describe_key(key)}: an encoded entry of the batch is not JSON"
+                ) from None
         if not entries:
             return None
         cached = self._summaries.get((key["project_key"], key["session_id"]))
         prev: SessionSummaryEntry | None = None
-        if cached is None:
-            if offset > 0:
-                return None  # an existing session this store never folded: catch up instead
-            version = ""  # a new session: no summary stored yet
-        else:
-            if offset >= 0 and offset != cached.folded:
-                return None
+        version = ""  # no summary stored yet, as far as this store knows
+        if cached is not None:
             prev = {"session_id": key["session_id"], "mtime": 0, "data": cached.data}
             version = cached.version
-        data = fold_session_summary(prev, key, entries)["data"]
-        return _Prefold(version, data, _dumps(data), self._new_version())
+        try:
+            data = fold_session_summary(prev, key, entries)["data"]
+        except (TypeError, AttributeError):
+            raise InvalidEntryError(
+                f"{describe_key(key)}: an encoded entry of the batch is not a JSON object"
+            ) from None
+        return _Prefold(skip, version, data, encode_entry(data), self._new_version())
+
+    def _remember_mark(self, names: _Names, producer: str, mark: int | None) -> None:
+        ident = (names.marks, producer)
+        if mark is None:
+            self._marks.pop(ident, None)
+            return
+        self._marks[ident] = mark
+        self._marks.move_to_end(ident)
+        while len(self._marks) > _CACHE_SIZE:
+            self._marks.popitem(last=False)
 
     def _remember(self, key: SessionKey, state: _Folded) -> None:
         # Last write wins: a stale memory costs one slow path, never a wrong summary
@@ -711,7 +779,7 @@ class RedisStore(SessionStore):
                     pipe.hset(
                         names.summary,
                         mapping={
-                            "data": _dumps(summary["data"]),
+                            "data": encode_entry(summary["data"]),
                             "mtime": int(score),
                             "folded": length,
                             "v": version,
@@ -782,12 +850,8 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _dumps(value: Any) -> bytes:
-    return _ENCODER.encode(value).encode()
-
-
-def _serialise(key: SessionKey, entries: list[SessionStoreEntry]) -> list[bytes]:
-    """One canonical JSON text per entry, or ``InvalidEntryError`` naming only index and type."""
+def _encode_entries(key: SessionKey, entries: list[SessionStoreEntry]) -> list[bytes]:
+    """``encode_entry`` of each entry, or ``InvalidEntryError`` naming only index and type."""
     if not isinstance(entries, list):
         raise InvalidEntryError(f"{describe_key(key)}: entries must be a list")
     lines: list[bytes] = []
@@ -797,26 +861,13 @@ def _serialise(key: SessionKey, entries: list[SessionStoreEntry]) -> list[bytes]
                 f"{describe_key(key)}: entry {i} is a {type(entry).__name__}, not a JSON object"
             )
         try:
-            lines.append(_dumps(entry))
+            lines.append(encode_entry(entry))
         except (TypeError, ValueError, RecursionError) as exc:
             # The message of a json/encoding error can quote content; keep only its type.
             raise InvalidEntryError(
                 f"{describe_key(key)}: entry {i} is not JSON-serialisable ({type(exc).__name__})"
             ) from None
     return lines
-
-
-def _same_entries(stored: list[bytes], incoming: list[bytes]) -> bool:
-    """Deep equality of the parsed JSON, pairwise over ``stored``."""
-    for old, new in zip(stored, incoming, strict=False):
-        if old == new:
-            continue
-        try:
-            if json.loads(old) != json.loads(new):
-                return False
-        except ValueError:
-            return False
-    return True
 
 
 def _parse(key: SessionKey, first: int, raw: list[bytes]) -> list[SessionStoreEntry]:

@@ -1,19 +1,26 @@
 """``S3Store``: session transcripts as immutable part objects in an S3 bucket.
 
 Storage layout under ``prefix`` (``"tenant-a"`` is used as ``"tenant-a/"``), with
-``<P>``, ``<S>`` and ``<SUB>`` the encoded project key, session id and subpath::
+``<P>``, ``<S>`` and ``<SUB>`` the encoded project key, session id and subpath,
+and ``T`` a transcript's prefix ``{prefix}<P>/<S>/parts/`` (main key) or
+``{prefix}<P>/<S>/subkeys/<SUB>/parts/`` (a subagent transcript)::
 
-    {prefix}<P>/<S>/parts/{first:012d}.jsonl                  part: one append batch
-    {prefix}<P>/<S>/parts/{first:012d}-{last:012d}.jsonl      segment: compacted parts
-    {prefix}<P>/<S>/subkeys/<SUB>/parts/...                   a subagent transcript, same naming
-    {prefix}<P>/@summaries/<S>.json                           summary sidecar (main keys only)
+    T{first:012d}.jsonl                 part: one append (or a blank, or a guard)
+    T{first:012d}-{last:012d}.jsonl     segment: compacted parts
+    T{offset:012d}.marks.json           marks checkpoint: {"marks": {producer: seq}}
+    {prefix}<P>/@summaries/<S>.json     summary sidecar (main keys only)
 
-Objects hold JSONL: one entry per line, ``json.dumps(entry, ensure_ascii=False,
-separators=(",", ":"), allow_nan=False)`` and ``"\\n"``, the bytes ``FileStore``
-writes. Offsets are zero-padded to 12 digits, so names sort like their offsets.
-A part carries its entry count in the metadata ``x-amz-meta-entries``; the
-object at offset 0 also carries ``x-amz-meta-generation``, a random token that
-tells this transcript apart from an earlier one under the same key.
+Objects hold JSONL: one entry per line, the canonical bytes of
+``walmirror.protocol.encode_entry``, each followed by ``"\\n"``. Offsets are
+zero-padded to 12 digits, so names sort like their offsets. A part's user
+metadata says ``entries`` (its entry count) and, when a producer wrote it
+through ``append_batch``, ``producer`` and ``seq`` (the batch's last seq stored
+in it); plain ``append`` parts have no producer. A part's *name is never
+freed* while the key exists: compaction and delete empty a part (a *blank*, 0
+bytes) instead of deleting it. A *guard* is a 1-byte part (``"\\n"``) written
+by ``delete``: it takes one offset, and the live transcript starts after the
+newest guard. The listing's sizes tell the kinds apart (a part holds at least
+``{}\\n``), so reading the layout needs no HEAD.
 
 Key encoding. Every part of a key is percent-encoded as UTF-8, as
 ``urllib.parse.quote(part, safe="")`` does: each byte outside ``A-Z a-z 0-9 - . _
@@ -25,30 +32,63 @@ characters. ``@`` is always encoded, so ``@summaries`` cannot be a session's
 name. A key whose longest object name would pass S3's 1,024-byte limit is refused
 with ``InvalidKeyError`` before anything is sent.
 
-Offsets (``walmirror.backend``). A part is named by its first offset alone and
-written with ``IfNoneMatch="*"``: of two writers at one offset exactly one lands,
-whatever their batch sizes (a name holding the range would let a 17- and a
-30-entry batch at the same offset both land). The loser's conditional put fails
-(412), it lists the key again and compares the overlap with what landed: a retry
-of its own landed write is a no-op, anything else ``OffsetConflictError``. A key's
-length is the end of its last object: a segment says it in its name, a part in
-its metadata (one HEAD). The store caches each key's length and last part. The
-cache is a hint: the conditional put of the next part fails when another writer
-appended meanwhile, and a cached length older than ``length_cache_ttl`` seconds
-is confirmed with a HEAD of the last part (``IfMatch`` its ETag) before it is
-trusted, so a key deleted elsewhere, or a bucket that lost data, is re-listed and
-refused with ``OffsetGapError`` rather than written with a hole. Any transport
-error (connection refused, reset, timeout: the server may have restarted) drops
-every cached length.
+Marks (``walmirror.protocol``). A producer's mark as of offset ``L`` is the
+newest checkpoint at or below ``L``, folded with the ``producer``/``seq``
+metadata of the parts from that checkpoint up to ``L`` (one HEAD per part,
+cached per object name: parts never change; a writer knows its own parts'
+metadata). Checkpoints are written by compaction and delete *before* they blank
+any part below them, so every blanked part's seqs are in a checkpoint. A
+checkpoint's content is a function of the transcript's history up to its
+offset (sorted keys), so concurrent compactors on several hosts write the same
+bytes; each writes with ``IfNoneMatch`` and reuses one that exists. Marks live
+in the same bucket as the entries: a bucket that loses its data loses them too
+(then ``append_batch`` with ``expect`` raises ``MarkBehindError``).
 
-Reading. ``load`` lists the key's objects and picks a cover: at every offset the
-widest segment that starts there, else the part; parts and segments lying inside
-a chosen segment are skipped (they are leftovers of a compaction). The chosen
+The atomic step (``append_batch``) is the conditional put (``IfNoneMatch="*"``)
+of the next part at ``T{end}.jsonl``, where ``end`` is the key's end. The store
+decides skip / ``MarkBehindError`` / append from the producer's mark *as of
+exactly that end*, then puts the part holding the entries past the mark. If the
+put fails (412: another writer, or a delete's guard, took that offset) it lists
+the key again, recomputes end and marks, and decides again. The put lands only
+if ``end`` is still the true end: every offset a part (or guard) ever started
+at keeps its name, so a put at an older end (a cached end another host wrote
+past, compacted or deleted since) always fails; a landed part therefore extends
+exactly the state it was decided on. The store caches each key's tail (end,
+marks as of it, last object): in the steady state an append is one PUT. A
+decision that writes nothing (a full repeat) or raises ``MarkBehindError`` is
+never taken from the cache: it is made again on a fresh listing. A cached tail
+older than ``length_cache_ttl`` seconds is confirmed with a HEAD of its last
+object, and any transport error (the server may have restarted) drops every
+cache, so a bucket that lost its data is re-listed rather than continued with a
+hole. The receipt's ``length`` counts the live transcript (from its base).
+
+Deletes. ``delete(key)`` *seals* each transcript (the key's, and for a main key
+each subkey's): it computes the marks at the end ``E``, writes the checkpoint
+``T{E}.marks.json``, then puts the guard at ``T{E}.jsonl`` with ``IfNoneMatch``
+(if an append took ``E`` first, it learns the new end and seals there). From
+the guard on, the transcript is empty, its marks are the checkpoint's (the
+tombstone), and the next append lands at ``E + 1``: a fresh transcript whose
+marks start from the tombstone's, so a retry from before the delete is skipped
+and a new batch (higher seqs) is kept. A writer still caching the old end
+fails its put on the guard (or on an older name) and re-learns. Then (main
+key) the summary sidecar is deleted, and every part below the guard is blanked
+and every segment below it deleted: no entry of the deleted transcript stays
+readable. What remains per transcript: the blanks and guards (0 and 1 bytes,
+one per append and delete) and one checkpoint: that is the tombstone, and it
+lives until an operator removes the transcript's prefix (``aws s3 rm --recursive
+s3://bucket/{prefix}<P>/<S>/``), which is safe once no queue that wrote the key
+still holds undelivered entries for it. A bucket lifecycle rule expiring
+``{prefix}`` objects would remove tombstones and transcripts alike.
+
+Reading. ``load`` lists the key and picks, above the newest guard, a cover: at
+every offset the widest segment that starts there, else the part; parts and
+segments inside a chosen segment are leftovers of a compaction. The chosen
 objects are fetched concurrently (at most ``max_concurrency`` at once), their
 line counts are checked against the ranges their names imply, and they must join
-without a gap or overlap; if an object vanished or the pieces do not join (a
-compaction ran in between) the key is listed again, a few times, before
-``CorruptTranscriptError``.
+without a gap or overlap from the base on; if an object vanished or the pieces do
+not join (a compaction ran in between) the key is listed again, a few times,
+before ``CorruptTranscriptError``. A listing grows by one name per append (blanks
+stay), about one LIST page per thousand appends.
 
 Compaction keeps ``load`` fast for sessions with thousands of appends. Windows
 of ``compaction_windows`` entries (default 64, 1,024, 16,384, 262,144; each a
@@ -57,43 +97,42 @@ it) and ``compaction_fanin`` or more objects start inside it, they are merged
 into one segment named by its range, up to ``max_segment_bytes``. Which parts a
 window merges depends only on the parts' offsets, so two compactors (or one that
 crashed and the next) write the same segments, and segments of different levels
-nest. Crash safety: the segment is written first (conditional put; an existing
-one with the same bytes is reused: its ETag is their MD5), then the objects it
-covers are deleted; a crash in between leaves both, readers use each offset once
-(the segment wins), and the next compaction deletes the leftovers. The last part
-of a key is never merged, so ``list_sessions``' mtime stays the time of the last
-append. A compaction runs in the background after every ``compact_every``
-appends a store makes to a key (``None``: only when ``compact(key)`` is called).
+nest. Order, safe at every crash point and with compactors on several hosts:
+the segment (conditional put; an existing one with the same bytes is reused: its
+ETag is their MD5), then the marks checkpoint at the segment's end, then the
+parts it covers are blanked (``IfMatch`` their ETag) and the segments it covers
+deleted, then checkpoints below the newest are deleted. Readers use each offset
+once (the segment wins) and the next compaction finishes what a crashed one
+left, and blanks or deletes what a crashed delete left below its guard. The
+last part of a key is never merged, so ``list_sessions``' mtime stays the time
+of the last append. A compaction runs in the background after every
+``compact_every`` appends a store makes to a key (``None``: only when
+``compact(key)`` is called).
 
 Summaries, folded exactly once with the SDK's ``fold_session_summary`` (main keys
-only). The sidecar holds the ``SessionSummaryEntry`` plus ``folded`` (how many
-transcript entries it covers) and ``generation`` (the token of the transcript it
-covers: a sidecar that outlived its transcript, say a write from another host
-racing a delete, is rebuilt rather than continued). The store folds each batch
-it appends into the summary it last wrote, and writes the sidecar
-``summary_delay`` seconds later
-(one write per key per delay, not one per append), conditionally on the ETag it
-last wrote. When that fails (another writer), when it does not know the sidecar
-(a fresh process), or when the stored ``folded`` lags the transcript (a crash),
-it reads the sidecar and folds the stored entries from ``folded`` to the
-transcript's length. ``list_session_summaries`` and ``close`` write pending
+only). The sidecar holds the ``SessionSummaryEntry`` plus ``folded`` (the offset
+up to which it folded the transcript) and ``base`` (the live transcript's first
+offset: a sidecar that outlived its transcript, say a write from another host
+racing a delete, is rebuilt rather than continued). The store folds the entries
+each append stores (a batch's skipped repeats are not stored and not folded)
+into the summary it last wrote, and writes the sidecar ``summary_delay`` seconds
+later (one write per key per delay, not one per append), conditionally on the
+ETag it last wrote. When that fails (another writer), when it does not know the
+sidecar (a fresh process), or when the stored ``folded`` lags the transcript (a
+crash), it reads the sidecar and folds the stored entries from ``folded`` to the
+transcript's end. ``list_session_summaries`` and ``close`` write pending
 sidecars first. A summary's ``mtime`` is the sidecar's ``LastModified`` as
 listed; a session's ``list_sessions`` mtime is the listed ``LastModified`` of its
 last part. The sidecar is written after the parts it covers, so an up-to-date
 summary is never older than its session, and one left behind says "stale".
 
-Retention: objects never expire unless a bucket lifecycle rule says so (a rule
-on ``{prefix}`` expires whole sessions only if it expires parts, subkeys and
-``@summaries`` alike). ``delete()`` of a main key removes the sidecar first, then
-every object under ``{prefix}<P>/<S>/`` (parts, segments, subkeys); of a subpath
-key, that transcript's objects.
-
 Concurrency. Within one store, calls on one transcript are serialised by an
-``asyncio.Lock``. Across hosts, conditional puts keep appends exclusive. S3 has
-no multi-object transactions: a delete that runs while another host appends to
-or compacts the same session can leave objects of that session behind. A key
-has one writer at a time (walmirror hands sessions over), and
-``DurableSessionStore`` serialises its own deletes and deliveries.
+``asyncio.Lock``. Across hosts, the conditional put of the next part orders
+appends and deletes; compaction never changes what a transcript holds or its
+marks. S3 has no multi-object transactions: a delete that runs while another
+host appends may keep that append (it lands after the guard, in the fresh
+transcript), and a subkey first written while its main key is being deleted
+survives the delete.
 
 Client: ``aiobotocore`` (native asyncio). ``S3Store.connect(bucket, prefix,
 endpoint_url, **client_kwargs)`` creates and owns a client (credentials and
@@ -119,7 +158,7 @@ import re
 import secrets
 import time
 import weakref
-from bisect import bisect_right
+from bisect import bisect_right, insort
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -143,16 +182,16 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
-from walmirror.backend import check_append_at
 from walmirror.errors import (
+    CorruptTranscriptError,
     InvalidEntryError,
     InvalidKeyError,
-    OffsetConflictError,
-    OffsetGapError,
+    MarkBehindError,
     PermanentBackendError,
     WalmirrorError,
 )
 from walmirror.keys import describe_key, validate_key, validate_project_key
+from walmirror.protocol import Batch, Receipt, check_batch, encode_entry, skip_count
 
 __all__ = ["CorruptTranscriptError", "S3ConcurrencyError", "S3PermanentError", "S3Store"]
 
@@ -164,13 +203,17 @@ MAX_OFFSET = 10**12 - 1
 """Offsets are written with 12 digits."""
 
 _PART_NAME = re.compile(r"(\d{12})(?:-(\d{12}))?\.jsonl")
+_CHECKPOINT_NAME = re.compile(r"(\d{12})\.marks\.json")
+_GUARD_BODY = b"\n"  # a delete's guard: one byte (a part holds at least "{}\n", a blank 0)
 _SUMMARIES = "@summaries/"
 _SIDECAR_SUFFIX = ".json"
 _MAX_KEY_BYTES = 1024
 _LONGEST_PART_NAME = len(f"{0:012d}-{0:012d}.jsonl")
 _DELETE_CHUNK = 1000  # DeleteObjects takes at most 1,000 keys
-_RETRIES = 5  # re-listings after a lost race or a view a compaction changed
+_RETRIES = 5  # re-listings after a view a compaction changed
+_RACE_RETRIES = 100  # lost conditional puts in a row: each one means another writer progressed
 _MAX_STATES = 4096  # per-key caches kept (least recently used beyond are dropped)
+_MAX_FACTS = 65536  # part metadata and checkpoint contents cached (they never change)
 
 # Error codes a retry cannot fix: the key is parked until an operator acts.
 _PERMANENT_CODES = frozenset(
@@ -188,15 +231,6 @@ _PERMANENT_CODES = frozenset(
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
-
-
-class CorruptTranscriptError(PermanentBackendError):
-    """A transcript's objects do not join up, or one is not JSONL of objects.
-
-    ``S3Store`` never writes such objects; something else changed the bucket.
-    Nothing is repaired or deleted. Permanent: it persisted over several fresh
-    listings, so the flusher parks the key rather than backing off the backend.
-    """
 
 
 class S3PermanentError(PermanentBackendError):
@@ -220,7 +254,7 @@ class _Names:
     """Where one transcript's objects live."""
 
     key: SessionKey
-    parts: str  # prefix of the transcript's parts and segments, ends with "/"
+    parts: str  # prefix of the transcript's parts, segments and checkpoints, ends with "/"
     session: str  # prefix of everything of the session, ends with "/"
     sidecar: str  # the session's summary sidecar
 
@@ -231,7 +265,8 @@ class _Names:
 
 @dataclass(frozen=True, slots=True)
 class _Object:
-    """A part (``last is None``: its end follows from what comes next) or a segment."""
+    """A part (``last is None``: its end follows from what comes next), a segment,
+    a blank (a part emptied by compaction or delete) or a guard (a delete)."""
 
     key: str
     first: int
@@ -240,14 +275,41 @@ class _Object:
     size: int
     modified_ms: int
 
+    @property
+    def blank(self) -> bool:
+        return self.last is None and self.size == 0
+
+    @property
+    def guard(self) -> bool:
+        return self.last is None and self.size == len(_GUARD_BODY)
+
+
+@dataclass(frozen=True, slots=True)
+class _PartFacts:
+    """What a part's metadata says; fixed once the part is written."""
+
+    count: int
+    producer: str | None
+    seq: int | None
+
 
 @dataclass(slots=True)
 class _View:
-    """A listing of one transcript, reduced to the objects that hold each offset once."""
+    """A listing of one transcript: the live objects that hold each offset once, and
+    what the marks are computed from. Offsets are absolute (object names)."""
 
-    cover: list[_Object]  # sorted by first offset
-    garbage: list[_Object]  # objects inside a chosen segment: compaction leftovers
-    length: int | None  # None: the last part was not counted (load counts it itself)
+    cover: list[_Object]  # live, sorted by first offset
+    garbage: list[_Object]  # live objects inside a chosen segment: compaction leftovers
+    dead: list[_Object]  # below the newest guard: a deleted transcript's leftovers
+    parts: list[_Object]  # live parts (blanks included), sorted: the marks fold over these
+    checkpoints: list[tuple[int, str]]  # (offset, object name), sorted
+    guard: _Object | None  # the newest delete
+    end: int | None  # one past the last entry; None: the last part was not counted
+
+    @property
+    def base(self) -> int:
+        """The live transcript's first offset (entries before it were deleted)."""
+        return 0 if self.guard is None else self.guard.first + 1
 
     def ranges(self) -> list[tuple[_Object, int, int | None]]:
         """Each cover object with the offsets it must hold (``None``: open end)."""
@@ -258,19 +320,24 @@ class _View:
             elif i + 1 < len(self.cover):
                 end = self.cover[i + 1].first - 1
             else:
-                end = None if self.length is None else self.length - 1
+                end = None if self.end is None else self.end - 1
             out.append((obj, obj.first, end))
         return out
 
 
 @dataclass(slots=True)
 class _Tail:
-    """What this store knows of a key's end: a hint, see the module docstring."""
+    """What this store knows of a key's end: the state its next part extends.
 
-    length: int
-    name: str | None  # last object (None when the key is empty)
-    etag: str | None
-    checked: float  # time.monotonic() when S3 last confirmed it (listing or HEAD)
+    A hint: the conditional put of the part at ``end`` fails unless ``end`` is
+    still the true end, and then every fact here is still true (see the module
+    docstring)."""
+
+    end: int
+    base: int
+    marks: dict[str, int]  # each producer's mark as of ``end``
+    name: str | None  # last object (None when the key has none)
+    checked: float  # time.monotonic() when S3 last confirmed it (listing, put or HEAD)
 
 
 @dataclass(slots=True)
@@ -278,10 +345,10 @@ class _Summary:
     """The summary this store folded for a session, and the sidecar it builds on."""
 
     summary: SessionSummaryEntry | None
-    folded: int
+    folded: int  # absolute offset: entries base .. folded - 1 are in the summary
     etag: str | None  # ETag of the stored sidecar this extends; None: none stored
     dirty: bool  # folded more than the stored sidecar holds
-    generation: str | None  # the transcript's token (metadata of its offset-0 object)
+    base: int  # the transcript's first offset: a sidecar of another base is stale
 
 
 @dataclass(slots=True)
@@ -309,7 +376,7 @@ class _SidecarJob:
 
 
 class S3Store(SessionStore):
-    """A ``SessionStore`` (and offset-aware backend) keeping transcripts in S3.
+    """A ``SessionStore`` (and ``walmirror.protocol.ProducerStore``) keeping transcripts in S3.
 
     ``client`` is an aiobotocore S3 client; the store does not close it (use
     ``connect`` or ``from_url`` for a store that owns its client). Tuning, all
@@ -323,7 +390,8 @@ class S3Store(SessionStore):
     ``summary_delay``
         Seconds a summary sidecar write waits to take more appends along.
     ``length_cache_ttl``
-        Seconds a cached key length is trusted before a HEAD confirms it.
+        Seconds a cached key end is trusted before a HEAD confirms its last
+        object still exists (a bucket that lost its data is re-listed).
     ``max_concurrency``
         Requests one ``load``, listing or compaction has in flight at once.
     """
@@ -374,6 +442,9 @@ class S3Store(SessionStore):
         self._length_cache_ttl = length_cache_ttl
         self._max_concurrency = max_concurrency
         self._states: OrderedDict[str, _KeyState] = OrderedDict()
+        # Part metadata and checkpoint contents by object name: written once, never
+        # changed (a blank or guard is another kind of object under the same name).
+        self._facts: OrderedDict[str, _PartFacts | dict[str, int]] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._sidecar_jobs: dict[str, _SidecarJob] = {}
         self._compactions: dict[str, tuple[_Compaction, asyncio.Future[Any]]] = {}
@@ -560,11 +631,28 @@ class S3Store(SessionStore):
     # ------------------------------------------------------------------
 
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
-        """Append ``entries`` after whatever the key holds (no offset check)."""
+        """Append ``entries`` after whatever the key holds (no producer, no dedupe)."""
         names = self._names(key)
-        lines = _serialise(names.key, entries)
+        if not isinstance(entries, list):
+            raise InvalidEntryError(f"{describe_key(names.key)}: entries must be a list")
+        lines: list[bytes] = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise InvalidEntryError(
+                    f"{describe_key(names.key)}: entry {i} is a {type(entry).__name__}, "
+                    "not a JSON object"
+                )
+            try:
+                lines.append(encode_entry(entry))
+            except (TypeError, ValueError, RecursionError) as exc:
+                # The message of a json/encoding error can quote content; keep only its type.
+                raise InvalidEntryError(
+                    f"{describe_key(names.key)}: entry {i} is not JSON-serialisable "
+                    f"({type(exc).__name__})"
+                ) from None
         if lines:
-            await self._append(names, None, entries, lines)
+            async with self._lock(names.parts):
+                await self._append(names, None, lines, entries)
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         """All entries of ``key`` in order, or ``None`` if it holds none."""
@@ -576,7 +664,7 @@ class S3Store(SessionStore):
             if not view.cover:
                 return None
             try:
-                lines = await self._read_lines(names, view, 0, None)
+                lines = await self._read_lines(names, view, view.base, None)
             except _StaleView:
                 view = None
                 continue
@@ -600,10 +688,8 @@ class S3Store(SessionStore):
             sessions.append((session_id, prefix + "parts/"))
 
         async def newest(parts_prefix: str) -> int | None:
-            objects = await self._list_parts(parts_prefix)
-            if not objects:
-                return None  # only subagent transcripts
-            return max(objects, key=lambda o: (o.first, o.last or o.first)).modified_ms
+            view = await self._view(parts_prefix)
+            return view.cover[-1].modified_ms if view.cover else None  # None: deleted
 
         mtimes = await self._bounded([newest(p) for _, p in sessions])
         return [
@@ -636,30 +722,36 @@ class S3Store(SessionStore):
         return [s for s in found if s is not None]
 
     async def delete(self, key: SessionKey) -> None:
-        """Delete a transcript; a main key takes its subagent transcripts and sidecar."""
+        """Delete a transcript (a main key: its subagent transcripts and sidecar too),
+        keeping every producer's mark: see "Deletes" in the module docstring."""
         names = self._names(key)
+        transcripts = [names]
+        if names.main:
+            transcripts += [
+                self._names({**names.key, "subpath": subpath})
+                for subpath in await self._subpaths(names, live_only=False)
+            ]
         prefix = names.session if names.main else names.parts
-        async with self._lock(names.parts):
-            for state_key in [k for k in self._states if k.startswith(prefix)]:
-                del self._states[state_key]
-            for job_key, (job, _) in self._compactions.items():
-                if job_key.startswith(prefix):
-                    job.aborted = True
-            if names.main:
-                # Sidecar first: a crash midway leaves a transcript without a
-                # sidecar (the next append rebuilds it), never a summary of a
-                # deleted session.
+        for job_key, (job, _) in self._compactions.items():
+            if job_key.startswith(prefix):
+                job.aborted = True
+        for transcript in transcripts:
+            async with self._lock(transcript.parts):
+                await self._seal(transcript)
+        if names.main:
+            async with self._lock(names.parts):
+                self._state(names).summary = None
                 await self._delete_keys([names.sidecar])
-            for _ in range(3):  # again, for writes that were in flight meanwhile
-                objects, _ = await self._list(prefix)
-                if not objects:
-                    break
-                await self._delete_keys([o["Key"] for o in objects])
+        for transcript in transcripts:  # the deleted entries' bytes: blanked, deleted
+            await self._sweep(transcript, await self._scan(transcript, count_last=False))
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
-        """Subpaths of the session's subagent transcripts, sorted."""
+        """Subpaths of the session's subagent transcripts that hold entries, sorted."""
         k = validate_key(key)  # a stray subpath is validated, then ignored
         names = self._names({"project_key": k["project_key"], "session_id": k["session_id"]})
+        return await self._subpaths(names, live_only=True)
+
+    async def _subpaths(self, names: _Names, *, live_only: bool) -> list[str]:
         base = names.session + "subkeys/"
         _, prefixes = await self._list(base, delimiter="/")
         subkeys: list[str] = []
@@ -672,54 +764,52 @@ class S3Store(SessionStore):
             except InvalidKeyError:
                 continue
             subkeys.append(subpath)
+        if live_only:  # a deleted subkey keeps its guard and marks under its prefix
+
+            async def live(subpath: str) -> bool:
+                return bool((await self._view(f"{base}{_encode(subpath)}/parts/")).cover)
+
+            alive = await self._bounded([live(s) for s in subkeys])
+            subkeys = [s for s, a in zip(subkeys, alive, strict=True) if a]
         return sorted(subkeys)
 
     # ------------------------------------------------------------------
-    # Offset interface (walmirror.backend.OffsetStore)
+    # The protocol (walmirror.protocol.ProducerStore)
     # ------------------------------------------------------------------
 
-    async def append_at(
-        self,
-        key: SessionKey,
-        offset: int,
-        entries: list[SessionStoreEntry],
-        *,
-        encoded: Sequence[bytes] | None = None,
-    ) -> int:
-        """Store ``entries`` at ``offset``; see ``walmirror.backend``. Returns the new length.
-
-        ``encoded``: each entry's JSON as the queue holds it (this store's own
-        line format), stored as is instead of serialising ``entries`` again.
-        """
+    async def append_batch(self, key: SessionKey, batch: Batch) -> Receipt:
+        """The protocol's atomic step: the conditional put of the next part (see the
+        module docstring and ``walmirror.protocol``)."""
         names = self._names(key)
-        check_append_at(names.key, offset, entries, None)  # encoded: stricter check below
-        if encoded is None:
-            lines = _serialise(names.key, entries)
-        elif len(encoded) != len(entries) or not all(
-            isinstance(b, bytes) and b and b"\n" not in b for b in encoded
-        ):
-            raise ValueError(
-                f"{describe_key(names.key)}: encoded must hold one JSON line per entry"
-            )
-        else:
-            lines = list(encoded)
-        return await self._append(names, offset, entries, lines)
+        check_batch(describe_key(names.key), batch)
+        if not all(b and b"\n" not in b for b in batch.encoded):
+            raise ValueError(f"{describe_key(names.key)}: encoded must hold one JSON line each")
+        async with self._lock(names.parts):
+            return await self._append(names, batch, batch.encoded, None)
+
+    async def producer_mark(self, key: SessionKey, producer: str) -> int | None:
+        """The highest seq of ``producer`` stored for ``key`` (``None``: none). Lists."""
+        names = self._names(key)
+        async with self._lock(names.parts):
+            tail = await self._learn(names)
+        return tail.marks.get(producer)
 
     async def length(self, key: SessionKey) -> int:
         """How many entries ``key`` holds (0 if never written or deleted). Always lists."""
         names = self._names(key)
         view = await self._scan(names, count_last=True)
-        assert view.length is not None
-        return view.length
+        assert view.end is not None
+        return view.end - view.base
 
     # ------------------------------------------------------------------
     # Maintenance
     # ------------------------------------------------------------------
 
     async def compact(self, key: SessionKey) -> int:
-        """Merge the key's complete windows of small objects into segments, and
-        delete what an interrupted compaction left behind. Returns how many
-        objects were removed. Safe to run at any time, from any host."""
+        """Merge the key's complete windows of small objects into segments, blank the
+        parts they replace, and clean up after interrupted compactions and deletes.
+        Returns how many objects were blanked or deleted. Safe at any time, from any
+        host."""
         names = self._names(key)
         running = self._compactions.get(names.parts)
         if running is not None:
@@ -810,103 +900,275 @@ class S3Store(SessionStore):
         return state
 
     # ------------------------------------------------------------------
-    # Appending
+    # Appending: the atomic step
     # ------------------------------------------------------------------
 
     async def _append(
         self,
         names: _Names,
-        offset: int | None,
-        entries: list[SessionStoreEntry],
-        lines: list[bytes],
-    ) -> int:
-        """Append ``lines`` at ``offset`` (``None``: at the end); return the new length."""
-        if offset is not None and offset + len(lines) - 1 > MAX_OFFSET:
-            raise InvalidEntryError(f"{describe_key(names.key)}: offsets past {MAX_OFFSET}")
-        async with self._lock(names.parts):
-            state = self._state(names)
-            tail = await self._trusted_tail(names, state)
-            for _ in range(_RETRIES):
-                view: _View | None = None
-                if tail is None or (offset is not None and offset != tail.length):
-                    # Unknown, or not the cached end: decide on a fresh listing.
-                    view = await self._scan(names, count_last=True)
-                    tail = state.tail = self._tail_of(view)
-                length = tail.length
-                start = length if offset is None else offset
-                if start > length:
-                    raise OffsetGapError(describe_key(names.key), start, length)
-                overlap = min(length - start, len(lines))
-                if overlap:
-                    assert view is not None
-                    try:
-                        stored = await self._read_lines(names, view, start, start + overlap)
-                    except _StaleView:
-                        tail = None
-                        continue
-                    _check_overlap(names.key, start, length, stored, lines[:overlap])
-                new_lines = lines[overlap:]
-                if not new_lines:
-                    self._after_append(names, state, length, [], None)
-                    return length
-                part = f"{names.parts}{length:012d}.jsonl"
-                metadata = {"entries": str(len(new_lines))}
-                if length == 0:  # a new transcript: tell it apart from any earlier one
-                    metadata["generation"] = secrets.token_hex(8)
+        batch: Batch | None,
+        lines: Sequence[bytes],
+        entries: list[SessionStoreEntry] | None,
+    ) -> Receipt:
+        """Append ``batch`` (or, with ``batch=None``, the plain ``entries``) at the
+        key's end. Called under the transcript's lock.
+
+        The decision (skip, ``MarkBehindError``, append) is made against a tail:
+        the end and the marks as of that end. The conditional put of the part at
+        that end lands only if it is still the true end (every name at or below it
+        exists), so a landed part always extends exactly the state it was decided
+        on. A lost put, a full skip or a ``MarkBehindError`` decided on a cached
+        tail is decided again on a fresh listing."""
+        desc = describe_key(names.key)
+        state = self._state(names)
+        tail = await self._trusted_tail(names, state)
+        listed = False  # is ``tail`` from a listing made during this call?
+        for _ in range(_RACE_RETRIES):
+            if tail is None:
+                tail = await self._learn(names)
+                listed = True
+            skip = 0
+            mark: int | None = None
+            if batch is not None:
+                mark = tail.marks.get(batch.producer)
                 try:
-                    response = await self._request(
-                        "put_object",
-                        Bucket=self._bucket,
-                        Key=part,
-                        Body=b"\n".join(new_lines) + b"\n",
-                        IfNoneMatch="*",
-                        ContentType="application/x-ndjson",
-                        Metadata=metadata,
-                    )
-                except ClientError as exc:
-                    if _code(exc) not in _PRECONDITION_CODES:
+                    skip = skip_count(desc, batch, mark)
+                except MarkBehindError:
+                    if listed:
                         raise
-                    tail = state.tail = None  # another writer appended at this offset
+                    tail = None  # the cache may be behind (or the bucket lost data)
                     continue
-                new_length = length + len(new_lines)
-                state.tail = _Tail(new_length, part, response["ETag"], tail.checked)
-                self._after_append(
-                    names, state, length, entries[overlap:], metadata.get("generation")
+                if skip == len(batch):
+                    if not listed:
+                        tail = None  # answer a repeat from S3, not from a cache
+                        continue
+                    assert mark is not None
+                    return Receipt(0, mark, tail.end - tail.base)
+            new_lines = lines[skip:]
+            start = tail.end
+            if start + len(new_lines) - 1 > MAX_OFFSET:
+                raise InvalidEntryError(f"{desc}: offsets past {MAX_OFFSET}")
+            part = _part_name(names, start)
+            metadata = {"entries": str(len(new_lines))}
+            if batch is not None:
+                metadata["producer"] = batch.producer
+                metadata["seq"] = str(batch.last_seq)
+            try:
+                await self._request(
+                    "put_object",
+                    Bucket=self._bucket,
+                    Key=part,
+                    Body=b"\n".join(new_lines) + b"\n",
+                    IfNoneMatch="*",
+                    ContentType="application/x-ndjson",
+                    Metadata=metadata,
                 )
-                return new_length
-        raise S3ConcurrencyError(
-            f"{describe_key(names.key)}: the key kept changing under this append; retry"
-        )
+            except ClientError as exc:
+                if _code(exc) not in _PRECONDITION_CODES:
+                    raise
+                tail = state.tail = None  # another writer (or a delete) took this offset
+                listed = False
+                continue
+            producer = None if batch is None else batch.producer
+            seq = None if batch is None else batch.last_seq
+            self._remember(part, _PartFacts(len(new_lines), producer, seq))
+            marks = dict(tail.marks)
+            if batch is not None:
+                marks[batch.producer] = batch.last_seq
+            end = start + len(new_lines)
+            state.tail = _Tail(end, tail.base, marks, part, time.monotonic())
+            if names.main:
+                new_entries = batch.entries[skip:] if batch is not None else (entries or [])
+            else:
+                new_entries = []
+            self._after_append(names, state, start, tail.base, new_entries)
+            return Receipt(len(new_lines), batch.last_seq if batch else -1, end - tail.base)
+        raise S3ConcurrencyError(f"{desc}: the key kept changing under this append; retry")
 
     async def _trusted_tail(self, names: _Names, state: _KeyState) -> _Tail | None:
-        """The cached tail, confirmed by a HEAD when older than ``length_cache_ttl``."""
+        """The cached tail; older than ``length_cache_ttl``, confirmed by a HEAD of its
+        last object (gone: the bucket lost data, or a compaction merged a segment)."""
         tail = state.tail
         if tail is None or tail.name is None:
             return tail  # an empty key: the conditional put alone is enough
         if time.monotonic() - tail.checked <= self._length_cache_ttl:
             return tail
         try:
-            await self._request(
-                "head_object", Bucket=self._bucket, Key=tail.name, IfMatch=tail.etag
-            )
+            await self._request("head_object", Bucket=self._bucket, Key=tail.name)
         except ClientError as exc:
-            if _code(exc) in _MISSING_CODES | _PRECONDITION_CODES:
-                state.tail = None  # deleted or replaced elsewhere: list again
+            if _code(exc) in _MISSING_CODES:
+                state.tail = None
                 return None
             raise
         tail.checked = time.monotonic()
         return tail
+
+    async def _learn(self, names: _Names) -> _Tail:
+        """List the key and compute its tail: the end and every producer's mark as of
+        it. Caches and returns it."""
+        for _ in range(_RETRIES):
+            view = await self._scan(names, count_last=True)
+            assert view.end is not None
+            marks = await self._marks_at(view, view.end)
+            if marks is None:
+                continue  # the listing is out of date: a compaction or delete ran
+            last = view.cover[-1] if view.cover else view.guard
+            tail = _Tail(
+                view.end,
+                view.base,
+                marks,
+                None if last is None else last.key,
+                time.monotonic(),
+            )
+            self._state(names).tail = tail
+            return tail
+        raise S3ConcurrencyError(
+            f"{describe_key(names.key)}: could not learn the producers' marks; retry"
+        )
+
+    async def _marks_at(self, view: _View, offset: int) -> dict[str, int] | None:
+        """Each producer's mark as of ``offset``: the newest checkpoint at or below it,
+        folded with the metadata of the parts from there to ``offset``. ``None`` when
+        ``view`` is out of date (a checkpoint vanished, a part it counts was blanked)."""
+        start, marks = 0, {}
+        at = bisect_right(view.checkpoints, (offset, "\uffff")) - 1
+        if at >= 0:
+            start, name = view.checkpoints[at]
+            got = await self._checkpoint(name)
+            if got is None:
+                return None
+            marks = dict(got)
+        if view.guard is not None and start < view.guard.first:
+            return None  # a delete writes its checkpoint before its guard: not seen yet
+        parts = [p for p in view.parts if start <= p.first < offset]
+        if any(p.blank for p in parts):
+            return None  # blanked after a newer checkpoint this listing missed
+        facts = await self._bounded([self._part_facts(p) for p in parts])
+        for found in facts:
+            if found is None:
+                return None
+            if found.producer is not None and found.seq is not None:
+                marks[found.producer] = max(marks.get(found.producer, found.seq), found.seq)
+        return marks
+
+    async def _checkpoint(self, name: str) -> dict[str, int] | None:
+        """A marks checkpoint's content (cached), ``None`` if it is gone."""
+        cached = self._facts.get(name)
+        if isinstance(cached, dict):
+            return cached
+        got = await self._get(name)
+        if got is None:
+            return None
+        try:
+            doc = json.loads(got[0])
+            marks = doc["marks"]
+            valid = isinstance(marks, dict) and all(
+                isinstance(p, str) and isinstance(m, int) for p, m in marks.items()
+            )
+        except (ValueError, TypeError, KeyError):
+            valid = False
+        if not valid:
+            raise CorruptTranscriptError(f"{name}: not a marks checkpoint")
+        self._remember(name, marks)
+        return cast(dict[str, int], marks)
+
+    async def _put_checkpoint(
+        self, names: _Names, view: _View, offset: int, marks: dict[str, int]
+    ) -> None:
+        """Write the marks as of ``offset`` (deterministic bytes: any writer of this
+        checkpoint writes the same; an existing one is reused)."""
+        name = _checkpoint_name(names, offset)
+        body = encode_entry({"marks": dict(sorted(marks.items()))})
+        try:
+            await self._request(
+                "put_object",
+                Bucket=self._bucket,
+                Key=name,
+                Body=body,
+                IfNoneMatch="*",
+                ContentType="application/json",
+            )
+        except ClientError as exc:
+            if _code(exc) not in _PRECONDITION_CODES:
+                raise
+        self._remember(name, dict(marks))
+        if (offset, name) not in view.checkpoints:
+            insort(view.checkpoints, (offset, name))
+
+    async def _part_facts(self, part: _Object) -> _PartFacts | None:
+        """A part's entry count, producer and last seq (cached); ``None`` if it is gone
+        or blank."""
+        cached = self._facts.get(part.key)
+        if isinstance(cached, _PartFacts):
+            return cached
+        try:
+            head = await self._request("head_object", Bucket=self._bucket, Key=part.key)
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return None
+            raise
+        if int(head.get("ContentLength", 0)) <= len(_GUARD_BODY):
+            return None  # blanked since the listing
+        metadata = head.get("Metadata") or {}
+        count_text = metadata.get("entries", "")
+        if count_text.isdigit() and int(count_text) > 0:
+            count = int(count_text)
+        else:  # metadata lost (a copy by other tools)
+            got = await self._get(part.key)
+            if got is None:
+                return None
+            count = len(_split_lines(got[0], part.key))
+        producer = metadata.get("producer")
+        seq_text = metadata.get("seq", "")
+        seq = int(seq_text) if producer and seq_text.isdigit() else None
+        found = _PartFacts(count, producer if seq is not None else None, seq)
+        self._remember(part.key, found)
+        return found
+
+    def _remember(self, name: str, fact: _PartFacts | dict[str, int]) -> None:
+        self._facts[name] = fact
+        self._facts.move_to_end(name)
+        while len(self._facts) > _MAX_FACTS:
+            self._facts.popitem(last=False)
+
+    async def _seal(self, names: _Names) -> None:
+        """A delete's atomic step: checkpoint the marks at the end, then take the end
+        with a guard (a conditional put like any append). Under the transcript's lock."""
+        for _ in range(_RACE_RETRIES):
+            tail = await self._learn(names)
+            if tail.end == tail.base:
+                return  # holds no entries: nothing to delete
+            view = await self._scan(names, count_last=False)
+            await self._put_checkpoint(names, view, tail.end, tail.marks)
+            guard = _part_name(names, tail.end)
+            try:
+                await self._request(
+                    "put_object",
+                    Bucket=self._bucket,
+                    Key=guard,
+                    Body=_GUARD_BODY,
+                    IfNoneMatch="*",
+                    ContentType="application/x-ndjson",
+                )
+            except ClientError as exc:
+                if _code(exc) not in _PRECONDITION_CODES:
+                    raise
+                continue  # an append landed at the end meanwhile: seal after it
+            base = tail.end + 1
+            self._state(names).tail = _Tail(base, base, tail.marks, guard, time.monotonic())
+            return
+        raise S3ConcurrencyError(f"{describe_key(names.key)}: the key kept changing; retry")
 
     def _after_append(
         self,
         names: _Names,
         state: _KeyState,
         start: int,
+        base: int,
         new_entries: list[SessionStoreEntry],
-        generation: str | None,
     ) -> None:
         """Fold the new entries into the pending summary; schedule sidecar and compaction."""
-        if new_entries and self._compact_every is not None:
+        if self._compact_every is not None:
             state.appends += 1
             if state.appends >= self._compact_every:
                 state.appends = 0
@@ -914,79 +1176,76 @@ class S3Store(SessionStore):
         if not names.main:
             return
         pending = state.summary
-        if pending is None and start == 0 and new_entries:
+        if pending is None and start == base:
             # A new transcript: its summary starts from nothing. A sidecar left by
             # an earlier, deleted transcript makes the conditional write fail,
             # and the write then catches up from S3.
-            pending = state.summary = _Summary(None, 0, None, False, generation)
-        if pending is not None and pending.folded == start:
-            if new_entries:
-                pending.summary = fold_session_summary(pending.summary, names.key, new_entries)
-                pending.folded += len(new_entries)
-                pending.dirty = True
+            pending = state.summary = _Summary(None, base, None, False, base)
+        if pending is not None and pending.folded == start and pending.base == base:
+            pending.summary = fold_session_summary(pending.summary, names.key, new_entries)
+            pending.folded += len(new_entries)
+            pending.dirty = True
         else:
             state.summary = None  # unknown or out of step: the sidecar write catches up
-        if state.summary is None or state.summary.dirty:
-            self._schedule_sidecar(names)
+        self._schedule_sidecar(names)
 
     # ------------------------------------------------------------------
     # Listing and reading
     # ------------------------------------------------------------------
 
     async def _scan(self, names: _Names, *, count_last: bool) -> _View:
-        """List the transcript's objects; with ``count_last``, learn its length."""
+        """List the transcript's objects; with ``count_last``, learn its end."""
         for _ in range(_RETRIES):
-            cover, garbage = _choose_cover(await self._list_parts(names.parts))
-            view = _View(cover, garbage, 0 if not cover else None)
-            if cover:
-                last = cover[-1]
+            view = await self._view(names.parts)
+            if view.cover:
+                last = view.cover[-1]
                 if last.last is not None:
-                    view.length = last.last + 1
+                    view.end = last.last + 1
                 elif count_last:
-                    count = await self._count_entries(last)
-                    if count is None:
-                        continue  # deleted since the listing
-                    view.length = last.first + count
-            if view.length is not None:
-                self._state(names).tail = self._tail_of(view)
+                    found = await self._part_facts(last)
+                    if found is None:
+                        continue  # gone or blanked since the listing
+                    view.end = last.first + found.count
+            else:
+                view.end = view.base
             return view
         raise S3ConcurrencyError(f"{describe_key(names.key)}: listing kept changing; retry")
 
-    @staticmethod
-    def _tail_of(view: _View) -> _Tail:
-        assert view.length is not None
-        last = view.cover[-1] if view.cover else None
-        return _Tail(
-            view.length,
-            None if last is None else last.key,
-            None if last is None else last.etag,
-            time.monotonic(),
-        )
-
-    async def _generation(self, view: _View) -> str | None:
-        """The generation token of the transcript ``view`` shows (its offset-0 object)."""
-        first = view.cover[0]
-        try:
-            head = await self._request("head_object", Bucket=self._bucket, Key=first.key)
-        except ClientError as exc:
-            if _code(exc) in _MISSING_CODES:
-                return None
-            raise
-        return (head.get("Metadata") or {}).get("generation")
-
-    async def _count_entries(self, part: _Object) -> int | None:
-        """A part's entry count from its metadata (or its content); ``None`` if gone."""
-        try:
-            head = await self._request("head_object", Bucket=self._bucket, Key=part.key)
-        except ClientError as exc:
-            if _code(exc) in _MISSING_CODES:
-                return None
-            raise
-        count = (head.get("Metadata") or {}).get("entries", "")
-        if count.isdigit() and int(count) > 0:
-            return int(count)
-        got = await self._get(part.key)  # metadata lost (a copy by other tools)
-        return None if got is None else len(_split_lines(got[0], part.key))
+    async def _view(self, parts_prefix: str) -> _View:
+        """One listing of a transcript's prefix, sorted into a ``_View`` (end unknown)."""
+        items, _ = await self._list(parts_prefix)
+        objects: list[_Object] = []
+        checkpoints: list[tuple[int, str]] = []
+        for item in items:
+            name = item["Key"][len(parts_prefix) :]
+            match = _PART_NAME.fullmatch(name)
+            if match is None:
+                checkpoint = _CHECKPOINT_NAME.fullmatch(name)
+                if checkpoint is not None:
+                    checkpoints.append((int(checkpoint[1]), item["Key"]))
+                continue  # else not ours
+            first = int(match[1])
+            last = None if match[2] is None else int(match[2])
+            if last is not None and last < first:
+                continue
+            objects.append(
+                _Object(
+                    item["Key"],
+                    first,
+                    last,
+                    item.get("ETag", ""),
+                    int(item.get("Size", 0)),
+                    _epoch_ms(item["LastModified"]),
+                )
+            )
+        guards = [o for o in objects if o.guard]
+        guard = max(guards, key=lambda o: o.first) if guards else None
+        floor = -1 if guard is None else guard.first
+        live = [o for o in objects if o.first > floor]
+        dead = [o for o in objects if o.first <= floor and o is not guard]
+        cover, garbage = _choose_cover(live)
+        parts = sorted((o for o in live if o.last is None), key=lambda o: o.first)
+        return _View(cover, garbage, dead, parts, sorted(checkpoints), guard, None)
 
     async def _read_lines(self, names: _Names, view: _View, lo: int, hi: int | None) -> list[bytes]:
         """The stored lines at offsets ``lo .. hi - 1`` (``None``: to the end).
@@ -1023,29 +1282,6 @@ class S3Store(SessionStore):
             f"{describe_key(names.key)}: the transcript's objects in s3://{self._bucket}/"
             f"{names.parts} do not join up (a gap, or a count that does not match)"
         )
-
-    async def _list_parts(self, parts_prefix: str) -> list[_Object]:
-        objects, _ = await self._list(parts_prefix)
-        out: list[_Object] = []
-        for item in objects:
-            match = _PART_NAME.fullmatch(item["Key"][len(parts_prefix) :])
-            if match is None:
-                continue  # not ours
-            first = int(match[1])
-            last = None if match[2] is None else int(match[2])
-            if last is not None and last < first:
-                continue
-            out.append(
-                _Object(
-                    item["Key"],
-                    first,
-                    last,
-                    item.get("ETag", ""),
-                    int(item.get("Size", 0)),
-                    _epoch_ms(item["LastModified"]),
-                )
-            )
-        return out
 
     async def _list(
         self, prefix: str, delimiter: str | None = None
@@ -1114,8 +1350,11 @@ class S3Store(SessionStore):
             raise
 
     def _forget_tails(self) -> None:
+        # The server may have restarted and lost data (moto, MinIO without disks):
+        # names could come back with other content, so part facts go too.
         for state in self._states.values():
             state.tail = None
+        self._facts.clear()
 
     async def _bounded(self, calls: list[Awaitable[T]]) -> list[T]:
         """Await ``calls`` with at most ``max_concurrency`` in flight, in order."""
@@ -1200,10 +1439,17 @@ class S3Store(SessionStore):
                 state.summary = pending
             if not pending.dirty or pending.summary is None:
                 return
+            if pending.etag is None:
+                # A first write has no ETag to guard it: make sure the transcript it
+                # summarises was not deleted (by another host) since it was folded.
+                view = await self._scan(names, count_last=False)
+                if view.base != pending.base or not view.cover:
+                    state.summary = None
+                    return
             doc = {
                 **cast(dict[str, Any], pending.summary),
                 "folded": pending.folded,
-                "generation": pending.generation,
+                "base": pending.base,
             }
             condition = {"IfMatch": pending.etag} if pending.etag else {"IfNoneMatch": "*"}
             try:
@@ -1211,7 +1457,7 @@ class S3Store(SessionStore):
                     "put_object",
                     Bucket=self._bucket,
                     Key=names.sidecar,
-                    Body=_dumps(doc),
+                    Body=encode_entry(doc),
                     ContentType="application/json",
                     **condition,
                 )
@@ -1230,32 +1476,33 @@ class S3Store(SessionStore):
 
         ``None`` when the transcript is empty (a stale sidecar is removed)."""
         got = await self._get(names.sidecar)
-        summary, folded, generation = _parse_sidecar(got[0] if got else None, names.sidecar)
+        stored, stored_folded, stored_base = _parse_sidecar(got[0] if got else None, names.sidecar)
         etag = None if got is None else got[1]
         for _ in range(_RETRIES):
             view = await self._scan(names, count_last=True)
-            assert view.length is not None
-            if view.length == 0:
+            end = view.end
+            assert end is not None
+            if end == view.base:
                 if got is not None:
                     await self._delete_keys([names.sidecar])
                 return None
-            current = await self._generation(view)
-            if folded > view.length or generation != current:
+            summary, folded = stored, stored_folded
+            if stored_base != view.base or not view.base <= folded <= end:
                 # The sidecar of an earlier, deleted transcript: start over.
-                summary, folded, generation = None, 0, current
-            if folded == view.length:
-                return _Summary(summary, folded, etag, False, generation)
+                summary, folded = None, view.base
+            if folded == end:
+                return _Summary(summary, folded, etag, False, view.base)
             try:
-                lines = await self._read_lines(names, view, folded, view.length)
+                lines = await self._read_lines(names, view, folded, end)
             except _StaleView:
                 continue
             logger.info(
                 "%s: summary sidecar is %d entries behind; catching up",
                 describe_key(names.key),
-                view.length - folded,
+                end - folded,
             )
             summary = fold_session_summary(summary, names.key, _parse_lines(names.key, lines))
-            return _Summary(summary, view.length, etag, True, generation)
+            return _Summary(summary, end, etag, True, view.base)
         raise self._no_cover(names)
 
     # ------------------------------------------------------------------
@@ -1289,10 +1536,7 @@ class S3Store(SessionStore):
 
     async def _compact(self, names: _Names, job: _Compaction) -> int:
         view = await self._scan(names, count_last=False)
-        removed = 0
-        if view.garbage and not job.aborted:
-            await self._delete_keys([o.key for o in view.garbage])
-            removed += len(view.garbage)
+        removed = await self._sweep(names, view)
         for group in _plan_merges(view, self._windows, self._fanin, self._max_segment_bytes):
             if job.aborted:
                 break
@@ -1300,16 +1544,16 @@ class S3Store(SessionStore):
             if merged is None:
                 break
             removed += merged
-        return removed
+        return removed + await self._prune_checkpoints(view)
 
     async def _merge(
         self, names: _Names, view: _View, group: list[_Object], job: _Compaction
     ) -> int | None:
-        """Write one segment for ``group``, then delete the objects it covers.
+        """Write one segment for ``group``, the marks checkpoint at its end, then blank
+        the parts (and delete the segments) it replaces.
 
-        Returns how many were deleted, ``None`` to stop compacting this key."""
+        Returns how many objects it blanked or deleted, ``None`` to stop compacting."""
         first = group[0].first
-        span = {obj.key for obj in group}
         end_after = None
         for obj, _, last in view.ranges():
             if obj.key == group[-1].key:
@@ -1324,11 +1568,6 @@ class S3Store(SessionStore):
             return None
         segment = f"{names.parts}{first:012d}-{end_after:012d}.jsonl"
         body = b"\n".join(lines) + b"\n"
-        metadata = {}
-        if first == 0:
-            generation = await self._generation(view)
-            if generation is not None:
-                metadata["generation"] = generation
         if job.aborted:
             return None
         try:
@@ -1339,7 +1578,6 @@ class S3Store(SessionStore):
                 Body=body,
                 IfNoneMatch="*",
                 ContentType="application/x-ndjson",
-                Metadata=metadata,
             )
             wrote = True
         except ClientError as exc:
@@ -1360,12 +1598,61 @@ class S3Store(SessionStore):
                     segment,
                 )
                 return None
-        if job.aborted:  # deleted while we wrote: take our segment back
-            if wrote:
+        # The parts' marks must outlive them: checkpoint before blanking anything.
+        marks = await self._marks_at(view, end_after + 1)
+        if marks is None or job.aborted:
+            if job.aborted and wrote:  # deleted while we wrote: take our segment back
                 await self._delete_keys([segment])
             return None
-        await self._delete_keys(sorted(span))
-        return len(span)
+        await self._put_checkpoint(names, view, end_after + 1, marks)
+        await self._blank([o for o in group if o.last is None])
+        await self._delete_keys([o.key for o in group if o.last is not None])
+        return len(group)
+
+    async def _sweep(self, names: _Names, view: _View) -> int:
+        """Blank or delete what no reader needs: a deleted transcript's parts and
+        segments (below the newest guard), and the leftovers of an interrupted
+        compaction inside a chosen segment (after checkpointing that segment's end).
+        Guards and blanks stay: they keep their names taken. Returns the count."""
+        blank = [o for o in view.dead if o.last is None and o.size > len(_GUARD_BODY)]
+        drop = [o.key for o in view.dead + view.garbage if o.last is not None]
+        leftovers = [o for o in view.garbage if o.last is None and not o.blank]
+        segments = [o for o in view.cover if o.last is not None]
+        for seg in segments:
+            assert seg.last is not None
+            inside = [o for o in leftovers if seg.first <= o.first <= seg.last]
+            if not inside:
+                continue
+            marks = await self._marks_at(view, seg.last + 1)
+            if marks is None:
+                continue  # out of date: the next compaction sees a newer listing
+            await self._put_checkpoint(names, view, seg.last + 1, marks)
+            blank += inside
+        await self._blank(blank)
+        await self._delete_keys(drop)
+        return len(blank) + len(drop)
+
+    async def _prune_checkpoints(self, view: _View) -> int:
+        """Delete the checkpoints below the newest: the marks fold starts there."""
+        old = [name for _, name in view.checkpoints[:-1]]
+        await self._delete_keys(old)
+        del view.checkpoints[:-1]
+        return len(old)
+
+    async def _blank(self, parts: list[_Object]) -> None:
+        """Empty each part (``IfMatch`` its ETag: only the part that was listed). The
+        name stays taken, so a put at a stale offset can never land there."""
+
+        async def blank(part: _Object) -> None:
+            try:
+                await self._request(
+                    "put_object", Bucket=self._bucket, Key=part.key, Body=b"", IfMatch=part.etag
+                )
+            except ClientError as exc:
+                if _code(exc) not in _PRECONDITION_CODES | _MISSING_CODES:
+                    raise
+
+        await self._bounded([blank(p) for p in parts])
 
 
 # ----------------------------------------------------------------------
@@ -1461,29 +1748,12 @@ def _epoch_ms(value: Any) -> int:
     return int(value.timestamp() * 1000)
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+def _part_name(names: _Names, offset: int) -> str:
+    return f"{names.parts}{offset:012d}.jsonl"
 
 
-def _serialise(key: SessionKey, entries: list[SessionStoreEntry]) -> list[bytes]:
-    """One JSONL line (without ``"\\n"``) per entry, or ``InvalidEntryError`` naming
-    only index and type."""
-    if not isinstance(entries, list):
-        raise InvalidEntryError(f"{describe_key(key)}: entries must be a list")
-    lines: list[bytes] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise InvalidEntryError(
-                f"{describe_key(key)}: entry {i} is a {type(entry).__name__}, not a JSON object"
-            )
-        try:
-            lines.append(_dumps(entry))
-        except (TypeError, ValueError, RecursionError) as exc:
-            # The message of a json/encoding error can quote content; keep only its type.
-            raise InvalidEntryError(
-                f"{describe_key(key)}: entry {i} is not JSON-serialisable ({type(exc).__name__})"
-            ) from None
-    return lines
+def _checkpoint_name(names: _Names, offset: int) -> str:
+    return f"{names.parts}{offset:012d}.marks.json"
 
 
 def _split_lines(content: bytes, name: str) -> list[bytes]:
@@ -1505,21 +1775,10 @@ def _parse_lines(key: SessionKey, lines: list[bytes]) -> list[SessionStoreEntry]
     return cast(list[SessionStoreEntry], parsed)
 
 
-def _check_overlap(
-    key: SessionKey, offset: int, length: int, stored: list[bytes], incoming: list[bytes]
-) -> None:
-    """Raise ``OffsetConflictError`` unless the repeated entries equal the stored ones."""
-    for old, new in zip(stored, incoming, strict=True):
-        # Bytes differ when another writer serialised differently (key order):
-        # the contract is deep equality of the parsed JSON.
-        if old != new and json.loads(old) != json.loads(new):
-            raise OffsetConflictError(describe_key(key), offset, length)
-
-
 def _parse_sidecar(
     content: bytes | None, name: str
-) -> tuple[SessionSummaryEntry | None, int, str | None]:
-    """The stored summary, ``folded`` and generation; ``(None, 0, None)`` if absent or
+) -> tuple[SessionSummaryEntry | None, int, int | None]:
+    """The stored summary, ``folded`` and ``base``; ``(None, 0, None)`` if absent or
     unreadable (it is rebuilt)."""
     if content is None:
         return None, 0, None
@@ -1533,7 +1792,7 @@ def _parse_sidecar(
         or not isinstance(doc.get("session_id"), str)
         or not isinstance(doc.get("mtime"), int)
         or not isinstance(doc.get("data"), dict)
-        or not isinstance(doc.get("generation"), str | None)
+        or not isinstance(doc.get("base"), int | None)
     ):
         logger.warning("%s: unreadable summary sidecar; it will be rebuilt", name)
         return None, 0, None
@@ -1542,7 +1801,7 @@ def _parse_sidecar(
         "mtime": doc["mtime"],
         "data": doc["data"],
     }
-    return summary, doc["folded"], doc.get("generation")
+    return summary, doc["folded"], doc.get("base")
 
 
 def _choose_cover(objects: list[_Object]) -> tuple[list[_Object], list[_Object]]:

@@ -6,7 +6,7 @@ one run:
 a. walmirror drain: N transcript-like entries (~1 KB, 16 sessions) are queued
    in a ``DurableSessionStore`` whose backend (behind a ``FaultyStore``) is
    ``down()``; then it comes ``up()`` and ``flush()`` is timed until every
-   entry is acknowledged (offset-aware delivery, cursors committed: the
+   entry is acknowledged (producer-protocol delivery, cursors committed: the
    exactly-once bookkeeping is part of the figure). Run with
    ``max_batch_entries`` 17 and 500. Backoff is shortened (1-5 ms) so the time
    measures delivery, not the breaker's probe interval. Afterwards each
@@ -356,7 +356,7 @@ async def walmirror_drain(
         await store.flush(timeout=600.0)
         elapsed = time.perf_counter() - started
         delivered = sum(f.delivered_total for f in store.flushers)
-        calls = faulty.calls.get("append_at", 0) + faulty.calls.get("append", 0)
+        calls = faulty.calls.get("append_batch", 0) + faulty.calls.get("append", 0)
         report = await store.close(timeout=30.0)
         lengths = [await backend.length(k) for k, _ in work]
         return {
@@ -513,7 +513,8 @@ def table(r: dict[str, Any]) -> str:
                 lines.append(f"{row['backend']} batch {row['batch']} {side}: {error}")
     lines.append(
         "walmirror: queued with the backend down, then up() and flush() timed until every entry "
-        "is acknowledged (offsets + cursors); reference: raw append, 16 concurrent session loops, "
+        "is acknowledged (producer marks + cursors); reference: raw append, 16 concurrent "
+        "session loops, "
         "S3 on a private moto server."
     )
     return "\n".join(lines)

@@ -4,42 +4,44 @@
 SDK; ``walmirror.backends.file.FileStore(root)`` is the embedded default backend.
 """
 
-from .backend import OffsetStore, is_offset_aware
 from .config import Tuning
 from .errors import (
     BackendUnavailableError,
     CorruptQueueError,
+    CorruptTranscriptError,
     FlushBlockedError,
     FlushTimeoutError,
     InvalidEntryError,
     InvalidKeyError,
-    OffsetConflictError,
-    OffsetGapError,
+    MarkBehindError,
     PermanentBackendError,
     QueueClosedError,
     QueueFullError,
     QueueLockedError,
     WalmirrorError,
 )
+from .protocol import Batch, ProducerStore, Receipt, is_producer_store
 from .store import CloseReport, DurableSessionStore
 
 __all__ = [
     "BackendUnavailableError",
+    "Batch",
     "CloseReport",
     "CorruptQueueError",
+    "CorruptTranscriptError",
     "DurableSessionStore",
     "FlushBlockedError",
     "FlushTimeoutError",
     "InvalidEntryError",
     "InvalidKeyError",
-    "OffsetConflictError",
-    "OffsetGapError",
-    "OffsetStore",
+    "MarkBehindError",
     "PermanentBackendError",
+    "ProducerStore",
     "QueueClosedError",
     "QueueFullError",
     "QueueLockedError",
+    "Receipt",
     "Tuning",
     "WalmirrorError",
-    "is_offset_aware",
+    "is_producer_store",
 ]

@@ -482,8 +482,9 @@ def _print_verify(reports: list[KeyReport]) -> None:
             for count, label in (
                 (r.missing, "missing"),
                 (r.out_of_order, "out of order"),
-                (r.mismatched, "mismatched"),
                 (r.duplicated, "duplicated"),
+                (r.behind, "acknowledged but no longer held"),
+                (r.lost, "lost by the backend (not restorable)"),
             )
             if count
         ]
@@ -494,10 +495,7 @@ def _print_verify(reports: list[KeyReport]) -> None:
     bad = [r for r in reports if not r.ok]
     checked = sum(r.checked for r in reports)
     pending = sum(r.pending for r in reports)
-    unplaced = sum(r.unplaced for r in reports)
     summary = f"{len(keys)} keys, {checked} entries checked, {pending} pending"
-    if unplaced:
-        summary += f", {unplaced} not checkable (offset unknown)"
     if bad:
         print(f"{summary}: problems in {len(bad)} key/backend pair(s).")
     else:

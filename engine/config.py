@@ -33,7 +33,7 @@ class Tuning:
     batch_linger: float = 0.02
     # Keys delivered concurrently to one backend.
     max_parallel_keys: int = 16
-    # A backend call that takes longer is abandoned and retried (offsets make
+    # A backend call that takes longer is abandoned and retried (producer marks make
     # the retry safe; foreign stores get a uuid tail check first).
     call_timeout: float = 30.0
     # Exponential backoff with full jitter: sleep uniform(0, min(max, initial * 2**n)).

@@ -44,7 +44,7 @@ class BackendUnavailableError(WalmirrorError):
 
 
 class BackendError(WalmirrorError):
-    """Base for errors a backend raises about the offset protocol."""
+    """Base for errors a backend raises about the delivery protocol."""
 
 
 class PermanentBackendError(BackendError):
@@ -55,30 +55,27 @@ class PermanentBackendError(BackendError):
     """
 
 
-class OffsetGapError(PermanentBackendError):
-    """An append at an offset past the key's current length: entries would be missing."""
-
-    def __init__(self, key_desc: str, offset: int, length: int) -> None:
-        super().__init__(
-            f"{key_desc}: append at offset {offset} but the backend holds {length} entries"
-        )
-        self.offset = offset
-        self.length = length
+class CorruptTranscriptError(PermanentBackendError):
+    """A backend holds a transcript it cannot read back (a line or object that is not
+    a JSON entry, pieces that do not join). Retrying cannot fix it: the key is parked."""
 
 
-class OffsetConflictError(PermanentBackendError):
-    """An append over offsets the backend already holds with different entries.
+class MarkBehindError(BackendError):
+    """The backend's mark for this producer is below what it acknowledged before.
 
-    Typically two hosts appended to the same key without handing it over.
+    Raised by ``append_batch`` (nothing written) when the backend lost entries
+    it had stored: ``mark`` is what it still knows (``None``: nothing). The
+    flusher re-sends what its queue retains and reports what it cannot.
     """
 
-    def __init__(self, key_desc: str, offset: int, length: int) -> None:
+    def __init__(self, key_desc: str, mark: int | None, expect: int) -> None:
+        known = "no mark" if mark is None else f"mark {mark}"
         super().__init__(
-            f"{key_desc}: entries at offset {offset} differ from what the backend holds "
-            f"(length {length}); another writer appended to this key"
+            f"{key_desc}: the backend holds {known} for this producer but acknowledged "
+            f"seq {expect} before; it lost data"
         )
-        self.offset = offset
-        self.length = length
+        self.mark = mark
+        self.expect = expect
 
 
 class FlushTimeoutError(WalmirrorError, TimeoutError):

@@ -37,6 +37,13 @@ attributes and methods on the store):
     the task ends it). With ``hang_after_write`` set, write calls hang *after*
     the write landed (an ambiguous timeout); reads always hang before.
 
+``hold_next(n)`` / ``release_held()``
+    A write that arrives late: the next ``n`` write calls in scope fail at
+    once with ``ConnectionError("write held (injected)")`` (the caller sees a
+    timeout) while the write itself is kept, unsent; ``release_held()`` sends
+    the held writes now, in order, long after the caller gave up on them
+    (say, after a delete).
+
 ``reject(predicate)``
     A backend that refuses one key's batch for good (validation, size,
     permission): calls whose key matches raise
@@ -45,20 +52,20 @@ attributes and methods on the store):
 
 Scope: the transient faults (down, outages, error rate, latency, hangs) apply
 to the operations in ``store.ops`` (default: all of them; ``writes_only=True``
-means ``append``, ``append_at`` and ``delete``). Lost replies and hangs after
+means ``append``, ``append_batch`` and ``delete``). Lost replies and hangs after
 the write apply only to write operations in scope. Rejection has its own
 ``ops`` set, given to ``reject()``.
 
 Counters: ``store.calls`` counts calls per operation (whether or not a fault
 hit them) and ``store.injected`` counts injected faults per kind (``"down"``,
 ``"error"``, ``"lost_reply"``, ``"hang"``, ``"hang_after_write"``,
-``"reject"``). Random faults draw from ``random.Random(seed)``, so a seeded
+``"reject"``, ``"held"``). Random faults draw from ``random.Random(seed)``, so a seeded
 store injects the same sequence of faults for the same sequence of calls.
 
 Method mirroring: the SDK and walmirror probe a store's optional methods by
 checking whether ``type(store).method`` overrides the ``SessionStore``
-protocol's default, and offset-awareness by
-``callable(getattr(store, "append_at", None))``. So a wrapper must expose
+protocol's default, and the delivery protocol by
+``callable(getattr(store, "append_batch", None))``. So a wrapper must expose
 exactly the methods its inner store has. ``FaultyStore.__new__`` does this: it
 looks at which optional methods ``inner`` implements and instantiates a
 subclass that combines ``FaultyStore`` (``append`` and ``load`` only) with one
@@ -74,7 +81,7 @@ import functools
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
 from claude_agent_sdk.types import (
@@ -86,22 +93,29 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
-from .backend import OffsetStore, accepts_encoded, implements
 from .errors import PermanentBackendError
+from .protocol import Batch, ProducerStore, Receipt, implements
 
 __all__ = ["ALL_OPS", "READ_OPS", "WRITE_OPS", "FaultyStore", "KeyPredicate"]
 
 T = TypeVar("T")
 KeyPredicate = Callable[[SessionKey], bool]
 
-WRITE_OPS: frozenset[str] = frozenset({"append", "append_at", "delete"})
+WRITE_OPS: frozenset[str] = frozenset({"append", "append_batch", "delete"})
 READ_OPS: frozenset[str] = frozenset(
-    {"load", "length", "list_sessions", "list_session_summaries", "list_subkeys"}
+    {
+        "load",
+        "length",
+        "producer_mark",
+        "list_sessions",
+        "list_session_summaries",
+        "list_subkeys",
+    }
 )
 ALL_OPS: frozenset[str] = WRITE_OPS | READ_OPS
 
 _SDK_OPTIONAL = ("list_sessions", "list_session_summaries", "delete", "list_subkeys")
-_OFFSET_METHODS = ("append_at", "length")
+_PROTOCOL_METHODS = ("append_batch", "producer_mark", "length")
 
 
 def _check_ops(ops: Iterable[str]) -> frozenset[str]:
@@ -161,6 +175,8 @@ class FaultyStore(SessionStore):
         self._outages: list[tuple[float, float]] = []
         self._hangs_pending = 0
         self._rejects: list[tuple[KeyPredicate, frozenset[str]]] = []
+        self._holds_pending = 0
+        self._held: list[Callable[[], Awaitable[Any]]] = []
 
     # The protocol's own defaults, named here so type checkers see a concrete
     # class. They are the very same objects, so the SDK's probe
@@ -219,6 +235,27 @@ class FaultyStore(SessionStore):
         """Make the next ``n`` calls in scope hang (after the write if ``hang_after_write``)."""
         self._hangs_pending += n
 
+    def hold_next(self, n: int = 1) -> None:
+        """Keep the next ``n`` writes in scope unsent; their callers see a failure now."""
+        self._holds_pending += n
+
+    @property
+    def held(self) -> int:
+        """Writes held by ``hold_next`` and not yet released."""
+        return len(self._held)
+
+    async def release_held(self) -> list[Any]:
+        """Send the held writes now, in the order they were made; return each result
+        (or the exception it raised)."""
+        held, self._held = self._held, []
+        results: list[Any] = []
+        for call in held:
+            try:
+                results.append(await call())
+            except Exception as exc:
+                results.append(exc)
+        return results
+
     def reject(self, predicate: KeyPredicate, *, ops: Iterable[str] = WRITE_OPS) -> None:
         """Permanently reject calls in ``ops`` whose key matches ``predicate``.
 
@@ -235,7 +272,7 @@ class FaultyStore(SessionStore):
         """Switch every fault off (counters are kept)."""
         self.up()
         self.accept_all()
-        self._hangs_pending = 0
+        self._hangs_pending = self._holds_pending = 0
         self.latency = self.jitter = 0.0
         self.error_rate = self.lost_reply_rate = self.hang_rate = 0.0
 
@@ -265,6 +302,11 @@ class FaultyStore(SessionStore):
                 if op in ops and predicate(key):
                     self.injected["reject"] += 1
                     raise PermanentBackendError("rejected (injected)")
+        if in_scope and is_write and self._holds_pending > 0:
+            self._holds_pending -= 1
+            self.injected["held"] += 1
+            self._held.append(call)
+            raise ConnectionError("write held (injected)")
         hang = False
         if in_scope:
             if self.latency > 0.0 or self.jitter > 0.0:
@@ -323,28 +365,22 @@ class _ListSubkeys(FaultyStore):
         return await self._run("list_subkeys", as_key, lambda: self.inner.list_subkeys(key))
 
 
-class _AppendAt(FaultyStore):
-    async def append_at(
-        self,
-        key: SessionKey,
-        offset: int,
-        entries: list[SessionStoreEntry],
-        *,
-        encoded: Sequence[bytes] | None = None,
-    ) -> int:
-        inner = cast(OffsetStore, self.inner)
-        if encoded is None or not accepts_encoded(self.inner):
-            return await self._run("append_at", key, lambda: inner.append_at(key, offset, entries))
-        takes_bytes: Any = self.inner  # append_at(..., encoded=) is optional in the protocol
-        return await self._run(
-            "append_at", key, lambda: takes_bytes.append_at(key, offset, entries, encoded=encoded)
-        )
+class _AppendBatch(FaultyStore):
+    async def append_batch(self, key: SessionKey, batch: Batch) -> Receipt:
+        inner = cast(ProducerStore, self.inner)
+        return await self._run("append_batch", key, lambda: inner.append_batch(key, batch))
+
+
+class _ProducerMark(FaultyStore):
+    async def producer_mark(self, key: SessionKey, producer: str) -> int | None:
+        inner = cast(ProducerStore, self.inner)
+        return await self._run("producer_mark", key, lambda: inner.producer_mark(key, producer))
 
 
 class _Length(FaultyStore):
     async def length(self, key: SessionKey) -> int:
-        inner = cast(OffsetStore, self.inner)
-        return await self._run("length", key, lambda: inner.length(key))
+        inner: Any = self.inner  # length() is an optional extra of the backends
+        return int(await self._run("length", key, lambda: inner.length(key)))
 
 
 _MIXINS: dict[str, type[FaultyStore]] = {
@@ -352,7 +388,8 @@ _MIXINS: dict[str, type[FaultyStore]] = {
     "list_session_summaries": _ListSessionSummaries,
     "delete": _Delete,
     "list_subkeys": _ListSubkeys,
-    "append_at": _AppendAt,
+    "append_batch": _AppendBatch,
+    "producer_mark": _ProducerMark,
     "length": _Length,
 }
 
@@ -360,8 +397,8 @@ _MIXINS: dict[str, type[FaultyStore]] = {
 def _methods_of(inner: SessionStore) -> tuple[str, ...]:
     """The optional methods ``inner`` really has, probed the way the SDK probes."""
     sdk = [m for m in _SDK_OPTIONAL if implements(inner, m)]
-    offset = [m for m in _OFFSET_METHODS if callable(getattr(inner, m, None))]
-    return (*sdk, *offset)
+    protocol = [m for m in _PROTOCOL_METHODS if callable(getattr(inner, m, None))]
+    return (*sdk, *protocol)
 
 
 @functools.cache

@@ -9,13 +9,17 @@ A round of the loop:
 3. for each key, concurrently: read one batch (bounded by entries and bytes),
    send it, and record the new cursor in the queue.
 
-Offset-aware backends get ``append_at(key, base + acked, batch)``: a resend
-after a lost reply or a crash repeats offsets the backend already holds, which
-it ignores. A key's ``base`` is learned from ``length(key)`` before its first
-delivery and persisted before anything is sent. Foreign stores get plain
-``append``; the first delivery of a key in this process, and every delivery
-after a failed one, first loads the key and skips entries whose ``uuid`` the
-backend already holds (at-least-once, no duplicates for entries with uuids).
+Backends that speak the delivery protocol (``walmirror.protocol``) get
+``append_batch(key, Batch(producer, first_seq, bodies, expect))``: the backend
+skips what it already holds of this producer (a resend after a lost reply, a
+crash or a timeout) and appends the rest at the transcript's end, whatever
+other hosts wrote. A ``MarkBehindError`` (the backend lost acknowledged
+entries) moves the cursor back to what the queue still holds and records the
+loss (``WriteAheadQueue.rewind``). A key with a delete waiting for this backend
+is not delivered until the delete is. Foreign stores get plain ``append``; the
+first delivery of a key in this process, and every delivery after a failed
+one, first loads the key and skips entries whose ``uuid`` the backend already
+holds (at-least-once, no duplicates for entries with uuids).
 
 Failures: a permanent error (``Tuning.is_permanent``) parks the key with its
 error and the other keys keep flowing; anything else backs the whole backend
@@ -27,7 +31,6 @@ the backend until a call succeeds.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -36,14 +39,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
+from claude_agent_sdk.types import SessionKey, SessionStore
 
 from . import telemetry
-from .backend import accepts_encoded, implements, is_offset_aware
 from .config import Tuning
-from .errors import PermanentBackendError, WalmirrorError
+from .errors import MarkBehindError, PermanentBackendError, WalmirrorError
 from .keys import describe_key
-from .queue import KeyRow, WriteAheadQueue
+from .protocol import Batch, Receipt, decode_entry, implements, is_producer_store
+from .queue import Cursor, KeyRow, WriteAheadQueue
 
 logger = logging.getLogger("walmirror.flusher")
 
@@ -91,6 +94,7 @@ class _Outcome:
     delivered: int = 0
     error: BaseException | None = None
     permanent: bool = False
+    rewound: bool = False  # the backend lost data; the key goes again at once
 
 
 class Flusher:
@@ -111,8 +115,7 @@ class Flusher:
         self.tuning = tuning
         self.locks = locks
         self.on_progress = on_progress
-        self.offset_aware = is_offset_aware(backend)
-        self.takes_bytes = accepts_encoded(backend)
+        self.speaks_protocol = is_producer_store(backend)
         self.consecutive_failures = 0
         self.breaker: BreakerState = "closed"
         self.last_error: str | None = None
@@ -122,6 +125,10 @@ class Flusher:
         # Figures the telemetry gauges read: (depth, lag seconds, parked keys).
         self.gauges: tuple[int, float, int] = (0, 0.0, 0)
         self._verified: set[int] = set()  # foreign stores: keys whose tail was checked
+        # Batches whose delivery failed ambiguously (they may still land), by key. A
+        # delete made on this host sends them once more first: a late copy is then
+        # below the producer's mark, which the backend keeps through the delete.
+        self._in_doubt: dict[tuple[str, str, str], tuple[SessionKey, Batch]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -203,11 +210,11 @@ class Flusher:
         retryable = [o.error for o in outcomes if o.error is not None and not o.permanent]
         if retryable:
             self._record_failure(retryable[0])
-        elif delivered or any(o.permanent for o in outcomes):
+        elif delivered or any(o.permanent or o.rewound for o in outcomes):
             self._record_success()
         if delivered:
             self.on_progress()
-        return delivered > 0 or any(o.permanent for o in outcomes)
+        return delivered > 0 or any(o.permanent or o.rewound for o in outcomes)
 
     async def _maybe_compact(self) -> None:
         now = time.monotonic()
@@ -221,6 +228,7 @@ class Flusher:
             async with self.locks(tombstone.key):
                 if implements(self.backend, "delete"):
                     try:
+                        await self._fence_in_doubt(tombstone.key)
                         await self._call("delete", self.backend.delete(tombstone.key))
                     except Exception as exc:
                         self._record_failure(exc)
@@ -232,7 +240,20 @@ class Flusher:
                         describe_key(tombstone.key),
                     )
                 await self.queue.drop_tombstone(tombstone.id)
+            self.on_progress()
         return True
+
+    async def _fence_in_doubt(self, deleted: SessionKey) -> None:
+        """Before ``deleted`` goes: settle every batch of it (a main key: of its whole
+        session) whose delivery failed ambiguously, so a copy still on its way
+        cannot land after the delete (it will be at or below the producer's mark)."""
+        backend: Any = self.backend
+        for ident, (session_key, batch) in list(self._in_doubt.items()):
+            same = ident[:2] == (deleted["project_key"], deleted["session_id"])
+            if same and deleted.get("subpath") in (None, ident[2]):
+                fence = Batch(batch.producer, batch.first_seq, batch.encoded, None)
+                await self._call("append_batch", backend.append_batch(session_key, fence))
+                del self._in_doubt[ident]
 
     # -- one key ---------------------------------------------------------------
 
@@ -245,6 +266,8 @@ class Flusher:
                 cursor = await self.queue.cursor(self.name, key.key_id)
                 if cursor is None:  # deleted since it was picked
                     return _Outcome()
+                if await self.queue.is_tombstoned(self.name, session_key):
+                    return _Outcome()  # a delete made since goes first (next round)
                 first, bodies = await self.queue.read_batch(
                     key.key_id,
                     cursor.acked,
@@ -262,15 +285,29 @@ class Flusher:
                     )
                     await self.queue.park(self.name, key.key_id, error)
                     return _Outcome(error=PermanentBackendError(error), permanent=True)
-                entries: list[SessionStoreEntry] = [json.loads(b) for b in bodies]
-                span.set_attribute("walmirror.batch.entries", len(entries))
+                span.set_attribute("walmirror.batch.entries", len(bodies))
                 try:
-                    if self.offset_aware:
-                        await self._send_at_offset(
-                            key, session_key, cursor.base, cursor.acked, entries, bodies
-                        )
+                    if self.speaks_protocol:
+                        if cursor.legacy_base is not None:
+                            skipped = await self._reconcile_legacy(key, session_key, cursor, bodies)
+                            if skipped:
+                                return _Outcome(delivered=skipped)
+                        await self._send_batch(key, session_key, cursor, bodies)
                     else:
-                        await self._send_foreign(key, session_key, cursor.acked, entries)
+                        await self._send_foreign(key, session_key, cursor, bodies)
+                except MarkBehindError as exc:
+                    loss = await self.queue.rewind(self.name, key.key_id, exc.mark)
+                    if loss is not None:
+                        telemetry.entries_lost.add(loss.lost, {"backend": self.name})
+                        logger.error(
+                            "flusher %s: backend lost entries of %s: re-sending %d from the "
+                            "queue, %d no longer held",
+                            self.name,
+                            describe_key(session_key),
+                            loss.restored,
+                            loss.lost,
+                        )
+                    return _Outcome(rewound=True)
                 except Exception as exc:
                     self._verified.discard(key.key_id)
                     permanent = self.tuning.is_permanent(exc)
@@ -283,77 +320,76 @@ class Flusher:
                             "flusher %s: parked %s: %s", self.name, describe_key(session_key), error
                         )
                     return _Outcome(error=exc, permanent=permanent)
-                await self.queue.ack(self.name, key.key_id, cursor.acked + len(entries))
-        self.delivered_total += len(entries)
-        telemetry.entries_delivered.add(len(entries), {"backend": self.name})
-        return _Outcome(delivered=len(entries))
+        self.delivered_total += len(bodies)
+        telemetry.entries_delivered.add(len(bodies), {"backend": self.name})
+        return _Outcome(delivered=len(bodies))
 
-    async def _send_at_offset(
-        self,
-        key: KeyRow,
-        session_key: SessionKey,
-        base: int | None,
-        acked: int,
-        entries: list[SessionStoreEntry],
-        bodies: list[bytes],
+    async def _send_batch(
+        self, key: KeyRow, session_key: SessionKey, cursor: Cursor, bodies: list[bytes]
     ) -> None:
+        """One protocol delivery, then the cursor moves past it."""
+        batch = Batch(self.queue.producer_id, cursor.acked, bodies, cursor.confirmed)
         backend: Any = self.backend
-        if base is None:
-            # First delivery of this key from this host (or after a re-queue):
-            # continue after what the backend holds, then remember where we start.
-            length = await self._call("length", backend.length(session_key))
-            base = length - acked
-            if length and not acked:
-                base = await self._find_own_start(session_key, entries, base)
-            await self.queue.set_base(self.name, key.key_id, base)
-        offset = base + acked
-        if self.takes_bytes:  # the queue's bytes are the entries' canonical JSON already
-            call = backend.append_at(session_key, offset, entries, encoded=bodies)
-        else:
-            call = backend.append_at(session_key, offset, entries)
-        await self._call("append_at", call)
+        ident = (key.project_key, key.session_id, key.subpath)
+        self._in_doubt[ident] = (session_key, batch)
+        try:
+            receipt: Receipt = await self._call(
+                "append_batch", backend.append_batch(session_key, batch)
+            )
+        except (MarkBehindError, PermanentBackendError):
+            del self._in_doubt[ident]  # refused: nothing of it was written
+            raise
+        del self._in_doubt[ident]
+        # Does the transcript still hold nothing but this queue's entries of the key?
+        # (Then ``load`` may answer from the queue while the backend is down.)
+        before = 0 if cursor.acked == cursor.first_seq else cursor.solo_length
+        solo = (
+            receipt.length
+            if before is not None and receipt.length == before + receipt.appended
+            else None
+        )
+        await self.queue.ack(self.name, key.key_id, batch.last_seq + 1, batch.last_seq, solo)
 
-    async def _find_own_start(
-        self, session_key: SessionKey, entries: list[SessionStoreEntry], default: int
+    async def _reconcile_legacy(
+        self, key: KeyRow, session_key: SessionKey, cursor: Cursor, bodies: list[bytes]
     ) -> int:
-        """Where this queue's first entry already sits in the backend, if it does.
-
-        A backend that holds entries of a key this cursor never delivered is
-        usually another host's history (continue after it: ``default``). But it
-        may hold this queue's own entries, delivered under another cursor name
-        (a backend renamed or re-addressed), or a replay of entries it already
-        has. Then the batch belongs where its first entry's uuid is, and the
-        backend's overlap check turns the resend into a no-op.
-        """
-        first = entries[0].get("uuid")
-        if not first:
-            return default
+        """A cursor migrated from schema 1 with entries not yet acknowledged: the
+        old protocol may have stored some of them (a reply lost before the
+        upgrade) at offsets ``legacy_base + seq``. Acknowledge those that the
+        backend holds there, equal, without sending them again; return how many."""
+        assert cursor.legacy_base is not None
         stored = await self._call("load", self.backend.load(session_key)) or []
-        for offset, entry in enumerate(stored):
-            if isinstance(entry, dict) and entry.get("uuid") == first:
-                return offset
-        return default
+        tail = stored[cursor.legacy_base + cursor.acked :]
+        held = 0
+        for entry, body in zip(tail, bodies, strict=False):
+            if entry != decode_entry(body):
+                break
+            held += 1
+        # The old protocol left no mark for this producer: the next batch expects none.
+        await self.queue.ack(self.name, key.key_id, cursor.acked + held, None, None)
+        return held
 
     async def _send_foreign(
-        self,
-        key: KeyRow,
-        session_key: SessionKey,
-        acked: int,
-        entries: list[SessionStoreEntry],
+        self, key: KeyRow, session_key: SessionKey, cursor: Cursor, bodies: list[bytes]
     ) -> None:
+        entries = [decode_entry(b) for b in bodies]
         to_send = entries
+        # Does the backend hold nothing but this queue's entries of the key (``solo``)?
+        solo = cursor.acked == cursor.first_seq or cursor.solo_length is not None
         if key.key_id not in self._verified:
             # A previous attempt (or a previous process) may have landed: skip
             # what the backend already holds, by uuid, before resending.
             stored = await self._call("load", self.backend.load(session_key)) or []
             held = {e.get("uuid") for e in stored if isinstance(e, dict) and e.get("uuid")}
             to_send = [e for e in entries if not (e.get("uuid") and e.get("uuid") in held)]
-            if acked == 0:
-                skipped = len(entries) - len(to_send)
-                await self.queue.set_base(self.name, key.key_id, max(0, len(stored) - skipped))
+            landed = len(entries) - len(to_send)
+            solo = solo and len(stored) == cursor.acked - cursor.first_seq + landed
         if to_send:
             await self._call("append", self.backend.append(session_key, to_send))
         self._verified.add(key.key_id)
+        last = cursor.acked + len(bodies) - 1
+        length = last + 1 - cursor.first_seq if solo else None
+        await self.queue.ack(self.name, key.key_id, last + 1, last, length)
 
     async def _call(self, op: str, call: Awaitable[T]) -> T:
         with telemetry.tracer.start_as_current_span(

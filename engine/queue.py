@@ -1,21 +1,31 @@
 """The write-ahead queue: a SQLite file where every entry is durable before ``append`` returns.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
-    keys       key_id, project_key, session_id, subpath ('' = main), next_seq, updated_at
+    meta       name -> value: schema_version, producer_id, seq_floor
+    keys       key_id, project_key, session_id, subpath ('' = main),
+               first_seq, next_seq, updated_at
     entries    id, key_id, seq, appended_at, nbytes, body      UNIQUE(key_id, seq)
     uuids      (key_id, uuid)            the idempotency ledger; outlives compaction
-    cursors    (backend, key_id) -> base, acked
+    cursors    (backend, key_id) -> acked, confirmed, solo_length, legacy_base
     parked     (backend, key_id) -> error, parked_at
     tombstones id, backend, project_key, session_id, subpath ('' = whole session)
+    losses     id, backend, key, first_seq, last_seq, restored, detected_at
 
-``seq`` numbers a key's entries on this host from 0. A backend's cursor says
-how many of them it acknowledged (``acked``) and where local entry 0 sits in
-the backend's transcript (``base``, learned once; see ``backend.py``), so
-entry ``seq`` goes to offset ``base + seq``. Entries acknowledged by every
-configured backend are deleted by ``compact`` after the retention period; the
-``uuids`` ledger stays until the key is deleted so a replayed entry is still
-recognised.
+The queue file is one *producer* of the delivery protocol (``walmirror.protocol``):
+``producer_id`` is drawn at creation. A key's entries are numbered by ``seq``
+from its ``first_seq``, consecutively. A key's row is dropped by ``delete``;
+``seq_floor`` then rises past its last seq and a key created later starts
+there, so this producer never reuses a seq for a key. A backend's cursor says
+which seqs it acknowledged: every seq below ``acked``; ``confirmed`` is the
+last of them as the backend reported it (the next batch's ``expect``), and
+``solo_length`` the transcript's length when it held nothing but this
+producer's entries of this key (``load`` may then answer from the queue while
+the backend is down). ``legacy_base`` is the offset base of a cursor migrated
+from schema 1. ``losses`` records what a backend lost that the queue could not
+restore (and what it restored). Entries acknowledged by every configured
+backend are deleted by ``compact`` after the retention period; the ``uuids``
+ledger stays until the key is deleted so a replayed entry is still recognised.
 
 Concurrency: SQLite connections belong to one thread each. The queue owns two,
 each on its own single-thread executor: the writer (every transaction) and
@@ -45,7 +55,7 @@ from claude_agent_sdk.types import SessionKey
 
 from .errors import CorruptQueueError, QueueClosedError, QueueFullError, QueueLockedError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each step moves the schema from version i to i + 1; run in one transaction.
 MIGRATIONS: list[list[str]] = [
@@ -84,6 +94,25 @@ MIGRATIONS: list[list[str]] = [
             project_key TEXT NOT NULL, session_id TEXT NOT NULL,
             subpath TEXT NOT NULL, created_at REAL NOT NULL)""",
     ],
+    # 1 -> 2: the producer protocol. Cursors count seqs instead of offsets; a
+    # schema-1 cursor keeps its offset base so its first delivery can tell what
+    # the backend already holds (``Flusher._reconcile_legacy``).
+    [
+        """ALTER TABLE keys ADD COLUMN first_seq INTEGER NOT NULL DEFAULT 0""",
+        """ALTER TABLE cursors RENAME COLUMN base TO legacy_base""",
+        """ALTER TABLE cursors ADD COLUMN confirmed INTEGER""",
+        """ALTER TABLE cursors ADD COLUMN solo_length INTEGER""",
+        """UPDATE cursors SET legacy_base = NULL WHERE acked >= (
+            SELECT next_seq FROM keys WHERE keys.key_id = cursors.key_id)""",
+        """CREATE TABLE losses (
+            id INTEGER PRIMARY KEY, backend TEXT NOT NULL,
+            project_key TEXT NOT NULL, session_id TEXT NOT NULL, subpath TEXT NOT NULL,
+            first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+            restored INTEGER NOT NULL, detected_at REAL NOT NULL)""",
+        """INSERT OR IGNORE INTO meta (name, value) VALUES ('seq_floor', '0')""",
+        """INSERT OR IGNORE INTO meta (name, value)
+           VALUES ('producer_id', lower(hex(randomblob(12))))""",
+    ],
 ]
 
 T = TypeVar("T")
@@ -111,10 +140,29 @@ class KeyRow:
 
 @dataclass(frozen=True)
 class Cursor:
-    """What one backend has acknowledged of one key."""
+    """What one backend has acknowledged of one key (see the module docstring)."""
 
-    base: int | None
-    acked: int
+    first_seq: int  # the key's first seq in this queue
+    acked: int  # every seq below this one is acknowledged
+    confirmed: int | None  # the expect of the next batch
+    solo_length: int | None
+    legacy_base: int | None
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Entries a backend lost: seqs ``first_seq..last_seq`` of ``key`` by this producer;
+    ``restored`` of them were re-sent from the queue, the rest were gone from it too."""
+
+    key: SessionKey
+    first_seq: int
+    last_seq: int
+    restored: int
+    detected_at: float
+
+    @property
+    def lost(self) -> int:
+        return self.last_seq - self.first_seq + 1 - self.restored
 
 
 @dataclass(frozen=True)
@@ -126,6 +174,17 @@ class LocalView:
     lowest_held_seq: int | None  # None: no entries held locally
     cursor: Cursor
     updated_at: float
+
+    @property
+    def complete(self) -> bool:
+        """The queue holds every entry the key's transcript has: the backend held
+        nothing but this queue's entries, and none of them were compacted yet."""
+        cursor = self.cursor
+        return (
+            self.lowest_held_seq == cursor.first_seq
+            and cursor.solo_length is not None
+            and cursor.solo_length == cursor.acked - cursor.first_seq
+        )
 
 
 @dataclass(frozen=True)
@@ -150,6 +209,23 @@ class BackendStats:
     lag_seconds: float = 0.0
     parked: list[dict[str, Any]] = field(default_factory=list)
     pending_deletes: int = 0
+    losses: list[Loss] = field(default_factory=list)
+
+
+# A cursor with its key's first seq: ``Cursor(*row[:5])``.
+_CURSOR_COLUMNS = "k.first_seq, c.acked, c.confirmed, c.solo_length, c.legacy_base"
+_CURSOR_SELECT = f"SELECT {_CURSOR_COLUMNS} FROM cursors c JOIN keys k ON k.key_id = c.key_id"
+
+
+def _losses(conn: sqlite3.Connection, backend: str) -> list[Loss]:
+    return [
+        Loss(KeyRow(0, *r[:3]).session_key(), *r[3:])
+        for r in conn.execute(
+            "SELECT project_key, session_id, subpath, first_seq, last_seq, restored,"
+            " detected_at FROM losses WHERE backend = ? ORDER BY id",
+            (backend,),
+        )
+    ]
 
 
 def split_key(key: SessionKey) -> tuple[str, str, str]:
@@ -204,6 +280,8 @@ class _Connection:
         self._jobs.put(job)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:  # a job nobody would ever run: fail now, not hang
+            raise QueueClosedError(f"the queue's {self._name} connection is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
 
@@ -263,6 +341,8 @@ class WriteAheadQueue:
         self._pending: deque[_AppendRequest] = deque()  # appended on the loop, taken by the writer
         # Writer-thread state: (project, session, subpath) -> [key_id, next_seq].
         self._key_cache: dict[tuple[str, str, str], list[int]] = {}
+        self._seq_floor = 0  # writer-thread owned: where a key new to the queue starts
+        self.producer_id = ""  # this queue's id in the delivery protocol (set by open)
         self.stored_bytes = 0  # sum of nbytes of entries held; writer-thread owned
         self._queued_bytes = 0  # bytes of requests waiting for the next group commit
         self._closed = False
@@ -279,6 +359,7 @@ class WriteAheadQueue:
             await self._writer.run(self._migrate)
             await self._reader.open()
             self.stored_bytes = await self._writer.run(self._sum_bytes)
+            self.producer_id, self._seq_floor = await self._writer.run(self._producer_state)
         except sqlite3.DatabaseError as exc:
             await self._close_connections()
             self._release_lock()
@@ -373,7 +454,8 @@ class WriteAheadQueue:
         conn.execute("BEGIN IMMEDIATE")
         for backend in self._backends:
             conn.execute(
-                "INSERT OR IGNORE INTO cursors (backend, key_id) SELECT ?, key_id FROM keys",
+                "INSERT OR IGNORE INTO cursors (backend, key_id, acked)"
+                " SELECT ?, key_id, first_seq FROM keys",
                 (backend,),
             )
         conn.execute("COMMIT")
@@ -388,6 +470,10 @@ class WriteAheadQueue:
         ok = conn.execute("PRAGMA quick_check").fetchone()
         if ok is None or ok[0] != "ok":
             raise CorruptQueueError(f"queue file {self.path} failed SQLite's integrity check")
+
+    def _producer_state(self) -> tuple[str, int]:
+        meta = dict(self._writer.conn.execute("SELECT name, value FROM meta"))
+        return str(meta["producer_id"]), int(meta["seq_floor"])
 
     def _sum_bytes(self) -> int:
         row = self._writer.conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries").fetchone()
@@ -506,16 +592,18 @@ class WriteAheadQueue:
         ).fetchone()
         if row is not None:
             return [row[0], row[1]]
+        floor = self._seq_floor
         cur = conn.execute(
-            "INSERT INTO keys (project_key, session_id, subpath, updated_at) VALUES (?, ?, ?, ?)",
-            (*key, now),
+            "INSERT INTO keys (project_key, session_id, subpath, first_seq, next_seq, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (*key, floor, floor, now),
         )
         key_id = int(cur.lastrowid or 0)
         conn.executemany(
-            "INSERT INTO cursors (backend, key_id) VALUES (?, ?)",
-            [(backend, key_id) for backend in self._backends],
+            "INSERT INTO cursors (backend, key_id, acked) VALUES (?, ?, ?)",
+            [(backend, key_id, floor) for backend in self._backends],
         )
-        return [key_id, 0]
+        return [key_id, floor]
 
     def _claim_uuids(
         self, key_id: int, rows: list[tuple[str | None, bytes]]
@@ -589,10 +677,9 @@ class WriteAheadQueue:
     async def cursor(self, backend: str, key_id: int) -> Cursor | None:
         def query() -> Cursor | None:
             row = self._reader.conn.execute(
-                "SELECT base, acked FROM cursors WHERE backend = ? AND key_id = ?",
-                (backend, key_id),
+                _CURSOR_SELECT + " WHERE c.backend = ? AND c.key_id = ?", (backend, key_id)
             ).fetchone()
-            return None if row is None else Cursor(row[0], row[1])
+            return None if row is None else Cursor(*row)
 
         return await self._reader.run(query)
 
@@ -621,15 +708,18 @@ class WriteAheadQueue:
 
         return await self._reader.run(query)
 
-    async def set_base(self, backend: str, key_id: int, base: int) -> None:
-        await self._write(
-            "UPDATE cursors SET base = ? WHERE backend = ? AND key_id = ?", (base, backend, key_id)
-        )
-
-    async def ack(self, backend: str, key_id: int, acked: int) -> None:
-        """Advance a cursor. Committed without its own fsync: an ack lost to a power
-        cut only means a redelivery, which the backend ignores (offsets) or the
-        flusher skips (uuid tail check); the next append's commit syncs it anyway."""
+    async def ack(
+        self,
+        backend: str,
+        key_id: int,
+        acked: int,
+        confirmed: int | None,
+        solo_length: int | None,
+    ) -> None:
+        """Advance a cursor after a delivery. Committed without its own fsync: an ack
+        lost to a power cut only means a redelivery, which the backend skips (its
+        mark) or the flusher skips (uuid tail check); the next append's commit syncs
+        it anyway."""
 
         def run() -> None:
             conn = self._writer.conn
@@ -637,14 +727,71 @@ class WriteAheadQueue:
                 conn.execute("PRAGMA synchronous = NORMAL")
             try:
                 conn.execute(
-                    "UPDATE cursors SET acked = ? WHERE backend = ? AND key_id = ? AND acked < ?",
-                    (acked, backend, key_id, acked),
+                    "UPDATE cursors SET acked = ?, confirmed = ?, solo_length = ?,"
+                    " legacy_base = NULL WHERE backend = ? AND key_id = ? AND acked <= ?",
+                    (acked, confirmed, solo_length, backend, key_id, acked),
                 )
             finally:
                 if self.synchronous == "FULL":
                     conn.execute("PRAGMA synchronous = FULL")
 
         await self._writer.run(run)
+
+    async def rewind(self, backend: str, key_id: int, mark: int | None) -> Loss | None:
+        """``backend`` lost entries it acknowledged and now holds this producer's
+        entries of the key only up to ``mark``. Move the cursor back so what the queue
+        still holds is sent again, and record the loss (what was restored, what was
+        not). Returns the record, or ``None`` when the key is gone (deleted)."""
+
+        def run() -> Loss | None:
+            conn = self._writer.conn
+            row = conn.execute(
+                "SELECT k.project_key, k.session_id, k.subpath, k.first_seq, c.acked,"
+                " (SELECT MIN(seq) FROM entries e WHERE e.key_id = k.key_id), k.next_seq"
+                " FROM keys k JOIN cursors c ON c.key_id = k.key_id"
+                " WHERE c.backend = ? AND k.key_id = ?",
+                (backend, key_id),
+            ).fetchone()
+            if row is None:
+                return None
+            project_key, session_id, subpath, first_seq, acked, lowest, next_seq = row
+            # The seqs the backend should hold but does not: from past its mark (or
+            # the key's first seq in this queue) up to what it acknowledged.
+            wanted = first_seq if mark is None else max(first_seq, mark + 1)
+            if wanted >= acked:
+                return None
+            held_from = next_seq if lowest is None else lowest
+            resume = max(wanted, min(held_from, acked))
+            now = time.time()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "UPDATE cursors SET acked = ?, confirmed = ?, solo_length = NULL"
+                    " WHERE backend = ? AND key_id = ?",
+                    (resume, mark, backend, key_id),
+                )
+                conn.execute(
+                    "INSERT INTO losses (backend, project_key, session_id, subpath, first_seq,"
+                    " last_seq, restored, detected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        backend,
+                        project_key,
+                        session_id,
+                        subpath,
+                        wanted,
+                        acked - 1,
+                        acked - resume,
+                        now,
+                    ),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            key = KeyRow(key_id, project_key, session_id, subpath).session_key()
+            return Loss(key, wanted, acked - 1, acked - resume, now)
+
+        return await self._writer.run(run)
 
     async def park(self, backend: str, key_id: int, error: str) -> None:
         await self._write(
@@ -653,49 +800,21 @@ class WriteAheadQueue:
         )
 
     async def requeue(self, backend: str | None = None, key: SessionKey | None = None) -> int:
-        """Un-park keys (all, one backend's, or one key's); return how many were un-parked.
-
-        A key parked for an offset conflict (another writer appended) also
-        forgets its base, so the flusher learns the backend's current length
-        again and continues after whatever the other writer stored. A key parked
-        for a gap (the backend lost entries) keeps its base: continuing at the
-        backend's shorter length would hide the loss, so it parks again until the
-        backend holds what it lost (restored from a backup, or the key deleted).
-        """
+        """Un-park keys (all, one backend's, or one key's); return how many were un-parked."""
+        where, args = ["1"], []
+        if backend is not None:
+            where.append("backend = ?")
+            args.append(backend)
+        if key is not None:
+            where.append(
+                "key_id = (SELECT key_id FROM keys"
+                " WHERE project_key = ? AND session_id = ? AND subpath = ?)"
+            )
+            args.extend(split_key(key))
 
         def run() -> int:
-            conn = self._writer.conn
-            where, args = ["1"], []
-            if backend is not None:
-                where.append("p.backend = ?")
-                args.append(backend)
-            if key is not None:
-                where.append(
-                    "p.key_id = (SELECT key_id FROM keys"
-                    " WHERE project_key = ? AND session_id = ? AND subpath = ?)"
-                )
-                args.extend(split_key(key))
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                clause = " AND ".join(where)
-                rows = conn.execute(
-                    f"SELECT p.backend, p.key_id, p.error FROM parked p WHERE {clause}",
-                    args,
-                ).fetchall()
-                for b, key_id, error in rows:
-                    if error.startswith("OffsetConflictError"):
-                        # base := unknown; acked entries already in the backend keep their
-                        # place because the new base is learned as length - acked.
-                        conn.execute(
-                            "UPDATE cursors SET base = NULL WHERE backend = ? AND key_id = ?",
-                            (b, key_id),
-                        )
-                    conn.execute("DELETE FROM parked WHERE backend = ? AND key_id = ?", (b, key_id))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            return len(rows)
+            cur = self._writer.conn.execute(f"DELETE FROM parked WHERE {' AND '.join(where)}", args)
+            return int(cur.rowcount)
 
         return await self._writer.run(run)
 
@@ -723,8 +842,12 @@ class WriteAheadQueue:
                 args = (project_key, session_id)
             conn.execute("BEGIN IMMEDIATE")
             try:
-                found = conn.execute(f"SELECT key_id FROM keys WHERE {selector}", args)
-                ids = [r[0] for r in found]
+                found = conn.execute(f"SELECT key_id, next_seq FROM keys WHERE {selector}", args)
+                rows = found.fetchall()
+                ids = [r[0] for r in rows]
+                # This producer never reuses a seq for a key: a later row starts past these.
+                floor = max([self._seq_floor, *(r[1] for r in rows)])
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'seq_floor'", (str(floor),))
                 freed = 0
                 for key_id in ids:
                     row = conn.execute(
@@ -745,6 +868,7 @@ class WriteAheadQueue:
                 raise
             finally:
                 self._key_cache.clear()
+            self._seq_floor = floor
             self.stored_bytes -= freed
 
         await self._writer.run(run)
@@ -819,16 +943,17 @@ class WriteAheadQueue:
         def query() -> LocalView | None:
             conn = self._reader.conn
             row = conn.execute(
-                """SELECT k.key_id, k.next_seq, k.updated_at, c.base, COALESCE(c.acked, 0),
+                f"""SELECT {_CURSOR_COLUMNS}, k.key_id, k.next_seq, k.updated_at,
                           (SELECT MIN(seq) FROM entries e WHERE e.key_id = k.key_id)
-                   FROM keys k LEFT JOIN cursors c ON c.key_id = k.key_id AND c.backend = ?
-                   WHERE k.project_key = ? AND k.session_id = ? AND k.subpath = ?""",
+                   FROM cursors c JOIN keys k ON k.key_id = c.key_id
+                   WHERE c.backend = ? AND k.project_key = ? AND k.session_id = ?
+                     AND k.subpath = ?""",
                 (backend, *split_key(key)),
             ).fetchone()
             if row is None:
                 return None
-            key_id, next_seq, updated_at, base, acked, lowest = row
-            return LocalView(key_id, next_seq, lowest, Cursor(base, acked), updated_at)
+            key_id, next_seq, updated_at, lowest = row[5:]
+            return LocalView(key_id, next_seq, lowest, Cursor(*row[:5]), updated_at)
 
         return await self._reader.run(query)
 
@@ -845,29 +970,35 @@ class WriteAheadQueue:
         return await self._reader.run(query)
 
     async def local_sessions(self, project_key: str, backend: str) -> list[LocalSession]:
-        """Main keys of ``project_key`` holding entries, with ``backend``'s cursor."""
+        """Main keys of ``project_key`` with entries ``backend`` has not acknowledged yet,
+        with its cursor. (What it acknowledged is in its own listing, or was deleted
+        there by another host.)"""
 
         def query() -> list[LocalSession]:
             return [
                 LocalSession(*r)
                 for r in self._reader.conn.execute(
-                    """SELECT k.session_id, k.updated_at, k.key_id, COALESCE(c.acked, 0)
-                       FROM keys k LEFT JOIN cursors c ON c.key_id = k.key_id AND c.backend = ?
-                       WHERE k.project_key = ? AND k.subpath = '' AND k.next_seq > 0""",
+                    """SELECT k.session_id, k.updated_at, k.key_id, c.acked
+                       FROM keys k JOIN cursors c ON c.key_id = k.key_id AND c.backend = ?
+                       WHERE k.project_key = ? AND k.subpath = '' AND c.acked < k.next_seq""",
                     (backend, project_key),
                 )
             ]
 
         return await self._reader.run(query)
 
-    async def local_subkeys(self, project_key: str, session_id: str) -> list[str]:
+    async def local_subkeys(self, project_key: str, session_id: str, backend: str) -> list[str]:
+        """Subpaths of the session with entries ``backend`` has not acknowledged yet."""
+
         def query() -> list[str]:
             return [
                 r[0]
                 for r in self._reader.conn.execute(
-                    "SELECT subpath FROM keys WHERE project_key = ? AND session_id = ?"
-                    " AND subpath != '' AND next_seq > 0",
-                    (project_key, session_id),
+                    "SELECT k.subpath FROM keys k JOIN cursors c"
+                    " ON c.key_id = k.key_id AND c.backend = ?"
+                    " WHERE k.project_key = ? AND k.session_id = ? AND k.subpath != ''"
+                    " AND c.acked < k.next_seq",
+                    (backend, project_key, session_id),
                 )
             ]
 
@@ -981,6 +1112,7 @@ class WriteAheadQueue:
                     (backend,),
                 )
             ]
+            stats.losses = _losses(conn, backend)
             stats.pending_deletes = int(
                 conn.execute(
                     "SELECT COUNT(*) FROM tombstones WHERE backend = ?", (backend,)
@@ -989,6 +1121,10 @@ class WriteAheadQueue:
             return stats
 
         return await self._reader.run(query)
+
+    async def losses(self, backend: str) -> list[Loss]:
+        """What ``backend`` was found to have lost, oldest first."""
+        return await self._reader.run(lambda: _losses(self._reader.conn, backend))
 
     async def all_keys(self) -> list[tuple[KeyRow, int]]:
         """Every key with its next_seq (for ``verify``)."""

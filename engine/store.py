@@ -11,7 +11,6 @@ each point of the contract maps to code and tests.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -31,7 +30,6 @@ from claude_agent_sdk.types import (
 )
 
 from . import telemetry
-from .backend import implements, is_offset_aware
 from .config import Tuning
 from .errors import (
     BackendUnavailableError,
@@ -44,7 +42,8 @@ from .errors import (
 )
 from .flusher import Flusher, SessionLocks, describe_error
 from .keys import describe_key, validate_key, validate_project_key
-from .queue import LocalView, WriteAheadQueue
+from .protocol import decode_entry, encode_entry, implements, is_producer_store
+from .queue import WriteAheadQueue
 
 logger = logging.getLogger("walmirror")
 
@@ -56,10 +55,6 @@ class CloseReport:
     drained: bool
     pending_entries: dict[str, int] = field(default_factory=dict)
     parked_keys: dict[str, int] = field(default_factory=dict)
-
-
-# One encoder for every entry: json.dumps with options builds a new one per call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def default_cursor_name(index: int, backend: SessionStore) -> str:
@@ -82,10 +77,11 @@ def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | No
                 f"got {type(entry).__name__}"
             )
         try:
-            body = _ENCODER.encode(entry).encode()
-        except (TypeError, ValueError) as exc:
+            body = encode_entry(entry)
+        except (TypeError, ValueError, RecursionError) as exc:
+            # The message of a json error can quote content (contract 9): its type only.
             raise InvalidEntryError(
-                f"entry {index} of the batch is not JSON-serialisable ({exc}); "
+                f"entry {index} of the batch is not JSON-serialisable ({type(exc).__name__}); "
                 "nothing of the batch was stored"
             ) from None
         if len(body) > max_entry_bytes:
@@ -332,12 +328,39 @@ class DurableSessionStore(SessionStore):
 
     async def delete(self, key: SessionKey) -> None:
         """Delete a key everywhere. Queued entries go at once; each backend gets the
-        delete before anything appended later (a main key takes its subkeys with it)."""
+        delete before anything appended later (a main key takes its subkeys with it).
+        Returns once every healthy backend applied it (at most ``call_timeout``)."""
         key = validate_key(key)
         await self._ensure_started()
         async with self._locks(key):
             await self.queue.delete(key)
         self._wake_flushers()
+        await self._settle_deletes(self.tuning.call_timeout)
+
+    async def _settle_deletes(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until every healthy backend applied the deletes
+        made so far. Then an append another host makes after ``delete`` returned
+        lands after the delete in the backend too (contract 5). A backend that is
+        failing is not waited for: its delete stays queued and goes first when it
+        is back."""
+        deadline = time.monotonic() + timeout
+        marks = {
+            f.name: max((t.id for t in await self.queue.tombstones(f.name)), default=0)
+            for f in self.flushers
+        }
+        while time.monotonic() < deadline:
+            waiting = [
+                f
+                for f in self.flushers
+                if any(t.id <= marks[f.name] for t in await self.queue.tombstones(f.name))
+            ]
+            if not waiting or any(f.consecutive_failures for f in waiting):
+                return
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), 0.05)
+            except TimeoutError:
+                pass
 
     async def requeue(self, key: SessionKey | None = None, backend: str | None = None) -> int:
         """Un-park keys (all, or one key / one backend's); return how many."""
@@ -363,49 +386,55 @@ class DurableSessionStore(SessionStore):
             ) from exc
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
-        """The key's transcript: the first backend's entries, then those still queued."""
+        """The key's transcript: the first backend's entries, then those still queued.
+
+        A queued entry shows once: the backend's mark for this queue (the protocol)
+        says which of them it holds, whatever other hosts appended meanwhile.
+        """
         key = validate_key(key)
         await self._ensure_started()
         name, backend = self._reader
-        async with self._locks(key):
+        async with self._locks(key):  # no delivery of this session moves under us
             view = await self.queue.local_view(key, name)
+            mark: int | None = None
             if await self.queue.is_tombstoned(name, key):
                 remote: list[SessionStoreEntry] | None = None  # its backend copy is deleted
             else:
                 try:
+                    if view is not None and is_producer_store(backend):
+                        # Mark first: a write landing between the two calls is then
+                        # shown twice (local, and the backend), never hidden.
+                        mark = await self._read_backend(
+                            "producer_mark",
+                            backend.producer_mark(key, self.queue.producer_id),  # type: ignore[attr-defined]
+                        )
                     remote = await self._read_backend("load", backend.load(key))
                 except BackendUnavailableError:
-                    if view is not None and view.cursor.base == 0 and view.lowest_held_seq == 0:
-                        return await self._local_entries(view.key_id, 0)  # complete history
+                    if view is not None and view.complete:
+                        return await self._local_entries(view.key_id, view.cursor.first_seq)
                     raise BackendUnavailableError(
                         f"cannot load {describe_key(key)}: backend {name} is unreachable and "
                         "the local queue does not hold the key's complete history"
                     ) from None
-            if view is None or view.next_seq == 0:
+            if view is None or view.next_seq == view.cursor.first_seq:
                 return remote
-            local = await self._local_entries(view.key_id, self._first_unstored(view, remote))
-        if remote and not is_offset_aware(backend):
-            # A foreign store may hold entries whose ack was lost (the flusher
-            # skips them the same way before it resends): count them once.
+            if is_producer_store(backend):
+                first_unstored = view.cursor.first_seq if mark is None else mark + 1
+                first_unstored = max(first_unstored, view.cursor.first_seq)
+            else:
+                first_unstored = view.cursor.acked
+            local = await self._local_entries(view.key_id, first_unstored)
+        if remote and local:
+            # A write that landed between the mark and the load, or, on a foreign
+            # store, one whose ack was lost: count entries with a uuid once.
             held = {e.get("uuid") for e in remote if isinstance(e, dict) and e.get("uuid")}
             local = [e for e in local if not (e.get("uuid") and e.get("uuid") in held)]
         if remote is None and not local:
             return None
         return (remote or []) + local
 
-    def _first_unstored(self, view: LocalView, remote: list[SessionStoreEntry] | None) -> int:
-        """The local seq of the first entry the reading backend does not hold yet."""
-        base, acked = view.cursor.base, view.cursor.acked
-        if base is None:
-            return acked
-        if is_offset_aware(self._reader[1]):
-            # More reliable than acked: a crash between delivery and ack leaves
-            # the backend ahead of the cursor.
-            return max(acked, min(view.next_seq, len(remote or []) - base))
-        return acked
-
     async def _local_entries(self, key_id: int, from_seq: int) -> list[SessionStoreEntry]:
-        return [json.loads(body) for body in await self.queue.read_from(key_id, from_seq)]
+        return [decode_entry(body) for body in await self.queue.read_from(key_id, from_seq)]
 
     async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
         validate_project_key(project_key)
@@ -450,7 +479,7 @@ class DurableSessionStore(SessionStore):
                 _, bodies = await self.queue.read_batch(local.key_id, start, 1000, 8 << 20)
                 if not bodies:
                     break
-                summary = fold_session_summary(summary, key, [json.loads(b) for b in bodies])
+                summary = fold_session_summary(summary, key, [decode_entry(b) for b in bodies])
                 start += len(bodies)
             if summary is not None:
                 summary = {**summary}
@@ -484,7 +513,7 @@ class DurableSessionStore(SessionStore):
         )
         dead = await self.queue.tombstoned_subpaths(name, project_key, session_id)
         subkeys = set() if "" in dead else {s for s in remote if s not in dead}
-        subkeys.update(await self.queue.local_subkeys(project_key, session_id))
+        subkeys.update(await self.queue.local_subkeys(project_key, session_id, name))
         return sorted(subkeys)
 
     # -- operations ---------------------------------------------------------------------
@@ -498,13 +527,25 @@ class DurableSessionStore(SessionStore):
             backends.append(
                 {
                     "name": flusher.name,
-                    "offset_aware": flusher.offset_aware,
+                    "speaks_protocol": flusher.speaks_protocol,
                     "pending_entries": stats.pending_entries,
                     "pending_bytes": stats.pending_bytes,
                     "pending_keys": stats.pending_keys,
                     "pending_deletes": stats.pending_deletes,
                     "lag_seconds": round(stats.lag_seconds, 3),
                     "parked": stats.parked,
+                    # What the backend lost after acknowledging it (contract 2): per
+                    # key, seqs of this queue, how many were restored and lost.
+                    "losses": [
+                        {
+                            "key": loss.key,
+                            "seqs": [loss.first_seq, loss.last_seq],
+                            "restored": loss.restored,
+                            "lost": loss.lost,
+                            "detected_at": loss.detected_at,
+                        }
+                        for loss in stats.losses
+                    ],
                     "breaker": flusher.breaker,
                     "consecutive_failures": flusher.consecutive_failures,
                     "last_error": flusher.last_error,
@@ -515,6 +556,7 @@ class DurableSessionStore(SessionStore):
         return {
             "queue": {
                 "path": str(self.queue.path),
+                "producer_id": self.queue.producer_id,
                 "stored_bytes": self.queue.stored_bytes,
                 "max_bytes": self.tuning.max_queue_bytes,
                 "synchronous": self.tuning.synchronous,

@@ -2,7 +2,9 @@
 
 Spans: ``walmirror.append``, ``walmirror.flush_batch``, ``walmirror.backend_call``.
 Metrics: ``walmirror.append.duration`` (histogram, s), ``walmirror.entries.appended``,
-``walmirror.entries.delivered``, ``walmirror.backend.retries`` (counters), and the
+``walmirror.entries.delivered``, ``walmirror.backend.retries``,
+``walmirror.entries.lost`` (entries a backend lost after acknowledging them that
+the queue no longer held to re-send) (counters), and the
 observable gauges ``walmirror.queue.depth`` (entries), ``walmirror.queue.lag``
 (seconds), ``walmirror.parked_keys``, each per backend.
 
@@ -29,6 +31,10 @@ entries_appended = _meter.create_counter(
 )
 entries_delivered = _meter.create_counter(
     "walmirror.entries.delivered", description="Entries acknowledged by a backend"
+)
+entries_lost = _meter.create_counter(
+    "walmirror.entries.lost",
+    description="Entries a backend lost after acknowledging them, gone from the queue too",
 )
 backend_retries = _meter.create_counter(
     "walmirror.backend.retries", description="Failed backend calls that will be retried"

@@ -1,31 +1,33 @@
 """``verify``: compare what each backend holds with what the local queue says it should.
 
 For every key in the local queue and every backend of the store, the entries
-still held locally whose backend offset is known (the cursor's ``base`` is
-set: local entry ``seq`` sits at offset ``base + seq``) are checked against
-the backend's transcript:
+still held locally that the backend acknowledged are looked up in the
+backend's transcript, in this queue's order (other hosts' entries may sit
+between them: the transcript is checked as a sequence that contains ours):
 
 ``missing``
-    acknowledged by the backend, but not in its transcript at all;
+    acknowledged by the backend, but not in its transcript where it belongs
+    (after the previous acknowledged entry);
 ``out_of_order``
-    in the transcript (found by ``uuid``), but not at its offset;
-``mismatched``
-    the entry at its offset has the same ``uuid`` (or neither has one) but
-    different content;
+    in the transcript (found by ``uuid``), but before an entry appended earlier;
 ``duplicated``
     extra copies of a ``uuid`` anywhere in the backend's transcript;
+``behind``
+    acknowledged entries the backend's mark for this queue no longer covers
+    (it lost them; the flusher re-sends what the queue holds on its next
+    delivery of the key);
+``lost``
+    entries a backend lost that the queue no longer held either, as recorded
+    when the flusher found the loss (``status`` shows them too);
 ``pending``
     appended but not acknowledged yet (not an error: the flusher is behind).
 
-Entries compacted away locally cannot be checked (only duplicates can), nor
-can acknowledged entries whose offset is unknown (``unplaced``: a foreign
-store before its first delivery). Reports carry keys, counts and offsets,
-never entry content.
+Entries compacted away locally cannot be checked (only duplicates can).
+Reports carry keys, counts and offsets, never entry content.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,6 +36,7 @@ from claude_agent_sdk.types import SessionKey, SessionStore
 
 from .flusher import describe_error
 from .keys import describe_key
+from .protocol import decode_entry, is_producer_store
 from .queue import KeyRow
 from .store import DurableSessionStore
 
@@ -52,17 +55,17 @@ class KeyReport:
     held: int = 0  # entries still held in the local queue
     checked: int = 0  # acknowledged held entries compared with the backend
     pending: int = 0  # appended, not acknowledged yet
-    unplaced: int = 0  # acknowledged, offset unknown: not checkable
     missing: int = 0
     out_of_order: int = 0
-    mismatched: int = 0
     duplicated: int = 0
+    behind: int = 0
+    lost: int = 0
     first_bad_offset: int | None = None
     error: str | None = None  # the backend could not be read
 
     @property
     def problems(self) -> int:
-        return self.missing + self.out_of_order + self.mismatched + self.duplicated
+        return self.missing + self.out_of_order + self.duplicated + self.behind + self.lost
 
     @property
     def ok(self) -> bool:
@@ -110,11 +113,16 @@ async def _verify_key(
     view = await store.queue.local_view(key, name)
     if view is None:  # deleted since all_keys()
         return report
-    acked, base = view.cursor.acked, view.cursor.base
+    acked = view.cursor.acked
     held = await _read_held(store, row, name)
     report.held = len(held.bodies)
     report.pending = max(0, view.next_seq - acked)
+    report.lost = sum(loss.lost for loss in await store.queue.losses(name) if loss.key == key)
     try:
+        if is_producer_store(backend) and acked > view.cursor.first_seq:
+            mark = await backend.producer_mark(key, store.queue.producer_id)  # type: ignore[attr-defined]
+            covered = view.cursor.first_seq - 1 if mark is None else mark
+            report.behind = max(0, acked - 1 - max(covered, view.cursor.first_seq - 1))
         remote = await backend.load(key) or []
     except Exception as exc:
         report.error = f"backend {name} could not load the key ({describe_error(exc)})"
@@ -127,15 +135,12 @@ async def _verify_key(
         uuid = _uuid(entry)
         if uuid is not None:
             where.setdefault(uuid, []).append(offset)
+    position = 0  # where in the transcript the next entry of ours may be
     for i, body in enumerate(held.bodies):
-        seq = held.first_seq + i
-        if seq >= acked:
+        if held.first_seq + i >= acked:
             break  # the rest is pending
-        if base is None:
-            report.unplaced += 1
-            continue
         report.checked += 1
-        _check_entry(report, json.loads(body), base + seq, remote, where)
+        position = _check_entry(report, decode_entry(body), position, remote, where)
     return report
 
 
@@ -163,21 +168,25 @@ async def _read_held(store: DurableSessionStore, row: KeyRow, name: str) -> _Hel
 def _check_entry(
     report: KeyReport,
     entry: Any,
-    offset: int,
+    position: int,
     remote: list[Any],
     where: dict[str, list[int]],
-) -> None:
-    at_offset = remote[offset] if offset < len(remote) else None
-    if at_offset == entry:
-        return
+) -> int:
+    """Find ``entry`` at or after ``position``; return where the next one may be."""
     uuid = _uuid(entry)
-    report.note_bad(offset)
-    if at_offset is not None and _uuid(at_offset) == uuid:
-        report.mismatched += 1  # right place, different content
-    elif uuid is not None and uuid in where:
+    if uuid is not None:
+        later = [o for o in where.get(uuid, []) if o >= position]
+        found = later[0] if later else None
+    else:
+        found = next((o for o in range(position, len(remote)) if remote[o] == entry), None)
+    if found is not None and remote[found] == entry:
+        return found + 1
+    report.note_bad(position)
+    if uuid is not None and uuid in where:
         report.out_of_order += 1
     else:
         report.missing += 1
+    return position
 
 
 def _count_duplicates(report: KeyReport, remote: list[Any]) -> None:

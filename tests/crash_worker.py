@@ -5,8 +5,9 @@ server. It imports walmirror once, prints ``ready``, then serves commands on
 stdin, one per line, answering on stdout:
 
 ``run <config JSON>``  -> ``pid <pid>``
-    fork a child that opens a ``DurableSessionStore`` over a ``FileStore`` on
-    the configured queue file and appends forever (the parent SIGKILLs it);
+    fork a child that opens a ``DurableSessionStore`` over the configured
+    backend (``backend_url``: a FileStore, Redis or PostgreSQL) on the
+    configured queue file and appends forever (the parent SIGKILLs it);
 ``reap <pid>``  -> ``status <wait status>``
     wait for that child and report how it ended.
 
@@ -81,22 +82,22 @@ def parse_log(text: str) -> tuple[list[tuple[int, int, int]], list[tuple[int, in
 
 async def _run(config: dict[str, Any]) -> None:
     from walmirror import DurableSessionStore, FlushTimeoutError
-    from walmirror.backends.file import FileStore
+    from walmirror.backends import from_url
     from walmirror.faults import FaultyStore
 
     gen: int = config["generation"]
     rng = random.Random(config["seed"])
     keys: list[dict[str, str]] = config["keys"]
-    files = FileStore(config["root"])
+    real = from_url(config["backend_url"])
     faulty = None
-    backend: Any = files
+    backend: Any = real
     if config.get("lost_reply_rate"):
-        faulty = FaultyStore(files, seed=config["seed"], lost_reply_rate=config["lost_reply_rate"])
+        faulty = FaultyStore(real, seed=config["seed"], lost_reply_rate=config["lost_reply_rate"])
         backend = faulty
     store = DurableSessionStore(
         backend,
         config["queue"],
-        # The same cursor name whatever wraps the FileStore, in every generation.
+        # The same cursor name whatever wraps the backend, in every generation.
         backend_names=("files",),
         max_batch_entries=8,  # many small deliveries: many backend-write/ack windows
         batch_linger=0.001,
@@ -166,6 +167,8 @@ def main() -> None:
     # Pay the imports once, before forking: no threads or event loop exist yet.
     import walmirror
     import walmirror.backends.file
+    import walmirror.backends.postgres
+    import walmirror.backends.redis
     import walmirror.faults  # noqa: F401
 
     print("ready", flush=True)

@@ -1,7 +1,8 @@
 """SIGKILL at random instants: nothing acknowledged is lost, nothing is delivered twice.
 
 A worker process (``crash_worker.py``) appends to a ``DurableSessionStore`` over
-a ``FileStore`` and logs, fsynced, which entries each ``append`` acknowledged.
+a backend (FileStore, Redis, PostgreSQL: the real servers) and logs, fsynced,
+which entries each ``append`` acknowledged.
 The parent SIGKILLs it at a random (seeded) instant and starts the next worker
 on the same queue file, many times over. The workers are forked from a warm
 fork server (``crash_worker.py``, imports done once), so a trial costs its
@@ -9,9 +10,10 @@ random lifetime and not the interpreter and SDK start-up.
 
 Between kills the parent checks that the local ack never runs ahead of the
 backend and counts kills that landed between a backend write and its local
-ack (the window exactly-once delivery has to survive). After the last kill it
-drains the queue with a fresh ``DurableSessionStore`` and checks the
-``FileStore`` transcripts entry by entry.
+ack (the window exactly-once delivery has to survive): the backend's mark for
+the queue's producer is compared with the queue's cursor. After the last kill
+it drains the queue with a fresh ``DurableSessionStore`` and checks the
+backend's transcripts entry by entry.
 
 ``WALMIRROR_CRASH_SEED`` overrides the seed; ``-m long`` runs the soak variants.
 """
@@ -29,6 +31,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ import pytest
 from crash_worker import expected_entry, parse_log
 
 from walmirror import DurableSessionStore
-from walmirror.backends.file import FileStore
+from walmirror.backends import from_url
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 SEED = int(os.environ.get("WALMIRROR_CRASH_SEED", "20240611"))
@@ -55,11 +58,44 @@ MAX_LIFETIME = 0.6
 TIMEOUT = 60.0  # generous: the machine is shared; only here to avoid a hang
 
 
-def transcript_path(root: Path, key: dict[str, str]) -> Path:
-    """Where FileStore keeps ``key`` (its documented layout)."""
-    if "subpath" in key:
-        return root / key["project_key"] / key["session_id"] / (key["subpath"] + ".jsonl")
-    return root / key["project_key"] / (key["session_id"] + ".jsonl")
+REDIS_URL = os.environ.get("WALMIRROR_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_DSN = os.environ.get("WALMIRROR_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def backend_url(kind: str, tmp_path: Path) -> str:
+    namespace = f"wm_crash{uuid.uuid4().hex[:10]}"
+    if kind == "file":
+        return (tmp_path / "files").as_uri()
+    if kind == "redis":
+        return f"{REDIS_URL}?prefix={namespace}"
+    return f"{POSTGRES_DSN}?table={namespace}"
+
+
+async def _close(store: Any) -> None:
+    for name in ("aclose", "close"):
+        if callable(getattr(store, name, None)):
+            await getattr(store, name)()
+            return
+
+
+async def _marks(url: str, producer: str, keys: list[dict[str, str]]) -> list[int | None]:
+    store: Any = from_url(url)
+    try:
+        return [await store.producer_mark(key, producer) for key in keys]
+    finally:
+        await _close(store)
+
+
+async def drop_namespace(url: str) -> None:
+    store: Any = from_url(url)
+    try:
+        if hasattr(store, "drop_schema"):
+            await store.drop_schema()
+        elif hasattr(store, "client"):
+            async for name in store.client.scan_iter(match=f"{store.prefix}:*", count=1000):
+                await store.client.delete(name)
+    finally:
+        await _close(store)
 
 
 class ForkServer:
@@ -122,11 +158,11 @@ class CrashRun:
     logs: list[str] = field(default_factory=list)
 
 
-def backend_vs_cursor(queue: Path, root: Path, scratch: Path) -> tuple[int, list[str]]:
+def backend_vs_cursor(queue: Path, url: str, scratch: Path) -> tuple[int, list[str]]:
     """After a kill: (keys whose backend is ahead of the local ack, keys acked beyond it).
 
-    Reads a copy of the queue files (the original stays exactly as the kill
-    left it for the next worker) and counts complete lines in the transcripts.
+    Reads a copy of the queue files (the original stays exactly as the kill left
+    it for the next worker) and asks the backend for the producer's marks.
     """
     scratch.mkdir(exist_ok=True)
     for suffix in ("", "-wal"):
@@ -138,34 +174,40 @@ def backend_vs_cursor(queue: Path, root: Path, scratch: Path) -> tuple[int, list
     (scratch / "copy.db-shm").unlink(missing_ok=True)
     conn = sqlite3.connect(scratch / "copy.db")
     try:
-        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-        rows = []
-        if tables:  # else killed before the schema was committed
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        rows, producer = [], None
+        if "losses" in tables:  # else killed before the schema was committed
+            found = conn.execute("SELECT value FROM meta WHERE name = 'producer_id'").fetchone()
+            producer = found[0] if found else None
             rows = conn.execute(
-                "SELECT k.project_key, k.session_id, k.subpath, c.base, c.acked"
+                "SELECT k.project_key, k.session_id, k.subpath, k.first_seq, c.acked"
                 " FROM cursors c JOIN keys k ON k.key_id = c.key_id WHERE c.backend = 'files'"
             ).fetchall()
     finally:
         conn.close()
-    ahead, behind = 0, []
-    for project_key, session_id, subpath, base, acked in rows:
-        if base is None:
-            continue  # never delivered yet
+    if producer is None or not rows:
+        return 0, []
+    keys: list[dict[str, str]] = []
+    for project_key, session_id, subpath, _, _ in rows:
         key = {"project_key": project_key, "session_id": session_id}
         if subpath:
             key["subpath"] = subpath
-        path = transcript_path(root, key)
-        lines = path.read_bytes().count(b"\n") if path.exists() else 0
-        if lines > base + acked:
+        keys.append(key)
+    marks = asyncio.run(_marks(url, producer, keys))
+    ahead, behind = 0, []
+    for key, (*_, first_seq, acked), mark in zip(keys, rows, marks, strict=True):
+        held = first_seq - 1 if mark is None else mark  # the last seq the backend holds
+        if held >= acked:
             ahead += 1
-        elif lines < base + acked:
-            behind.append(f"{key}: cursor acked {base}+{acked}, backend holds {lines}")
+        elif held < acked - 1:
+            behind.append(f"{key}: cursor acked up to {acked - 1}, backend mark {mark}")
     return ahead, behind
 
 
-def run_kill_trials(tmp_path: Path, trials: int, seed: int, lost_reply_rate: float) -> CrashRun:
+def run_kill_trials(
+    tmp_path: Path, url: str, trials: int, seed: int, lost_reply_rate: float
+) -> CrashRun:
     queue = tmp_path / "queue.db"
-    root = tmp_path / "files"
     rng = random.Random(seed)
     run = CrashRun()
 
@@ -180,7 +222,7 @@ def run_kill_trials(tmp_path: Path, trials: int, seed: int, lost_reply_rate: flo
                 "generation": generation,
                 "seed": seed * 1000 + generation,
                 "queue": str(queue),
-                "root": str(root),
+                "backend_url": url,
                 "log": str(log),
                 "stderr": str(stderr),
                 "keys": KEYS,
@@ -196,7 +238,7 @@ def run_kill_trials(tmp_path: Path, trials: int, seed: int, lost_reply_rate: flo
             )
             run.trials += 1
             # contract 2: the local ack is recorded only after the backend holds the batch.
-            ahead, behind = backend_vs_cursor(queue, root, tmp_path / "scratch")
+            ahead, behind = backend_vs_cursor(queue, url, tmp_path / "scratch")
             assert not behind, f"trial {trial}: local ack ahead of the backend: {behind}"
             run.kills_between_write_and_ack += ahead > 0
     finally:
@@ -225,15 +267,20 @@ def read_logs(run: CrashRun) -> Expectation:
     return expect
 
 
-async def drain_and_load(tmp_path: Path) -> list[list[dict[str, Any]]]:
-    """Open the queue the way the next process would, drain it, read the FileStore directly."""
-    store = DurableSessionStore(
-        FileStore(tmp_path / "files"), tmp_path / "queue.db", backend_names=("files",)
-    )
-    async with store:
-        await store.flush(timeout=120)
-    reader = FileStore(tmp_path / "files")
-    return [list(await reader.load(key) or []) for key in KEYS]  # type: ignore[arg-type]
+async def drain_and_load(tmp_path: Path, url: str) -> list[list[dict[str, Any]]]:
+    """Open the queue the way the next process would, drain it, read the backend directly."""
+    writer = from_url(url)
+    store = DurableSessionStore(writer, tmp_path / "queue.db", backend_names=("files",))
+    try:
+        async with store:
+            await store.flush(timeout=120)
+    finally:
+        await _close(writer)
+    reader: Any = from_url(url)
+    try:
+        return [list(await reader.load(key) or []) for key in KEYS]
+    finally:
+        await _close(reader)
 
 
 def transcript_problems(stored: list[list[dict[str, Any]]], expect: Expectation) -> list[str]:
@@ -270,9 +317,21 @@ def transcript_problems(stored: list[list[dict[str, Any]]], expect: Expectation)
     return problems
 
 
-async def check_crash_run(tmp_path: Path, trials: int, lost_reply_rate: float = 0.0) -> CrashRun:
-    run = await asyncio.to_thread(run_kill_trials, tmp_path, trials, SEED, lost_reply_rate)
-    stored = await drain_and_load(tmp_path)
+async def check_crash_run(
+    tmp_path: Path, trials: int, lost_reply_rate: float = 0.0, kind: str = "file"
+) -> CrashRun:
+    url = backend_url(kind, tmp_path)
+    try:
+        return await _check_crash_run(tmp_path, url, trials, lost_reply_rate)
+    finally:
+        await drop_namespace(url)
+
+
+async def _check_crash_run(
+    tmp_path: Path, url: str, trials: int, lost_reply_rate: float
+) -> CrashRun:
+    run = await asyncio.to_thread(run_kill_trials, tmp_path, url, trials, SEED, lost_reply_rate)
+    stored = await drain_and_load(tmp_path, url)
     expect = read_logs(run)
     problems = transcript_problems(stored, expect)
     assert not problems, (
@@ -296,8 +355,17 @@ async def test_sigkill_at_random_instants_loses_nothing_acked_and_duplicates_not
     )
 
 
-# contract 2: lost replies (the write landed, the caller saw an error) are retried at
-# the same offsets, across SIGKILLs too, without duplicates.
+# contract 1 and 2 on the remote backends: kills during deliveries to Redis and PostgreSQL.
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_sigkill_during_remote_deliveries_loses_nothing_and_duplicates_nothing(
+    tmp_path: Path, kind: str
+) -> None:
+    run = await check_crash_run(tmp_path, trials=24, lost_reply_rate=0.2, kind=kind)
+    assert run.kills_between_write_and_ack >= 1 or run.lost_replies > 0
+
+
+# contract 2: lost replies (the write landed, the caller saw an error) are retried
+# as the same producer seqs, across SIGKILLs too, without duplicates.
 async def test_sigkill_with_lost_replies_still_delivers_exactly_once(tmp_path: Path) -> None:
     run = await check_crash_run(tmp_path, trials=20, lost_reply_rate=0.3)
     assert run.lost_replies > 0, "the FaultyStore injected no lost reply"

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from claude_agent_sdk import InMemorySessionStore
 from claude_agent_sdk.testing.session_store_conformance import run_session_store_conformance
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
+from memory_store import MemoryStore
 
-from walmirror.backend import implements, is_offset_aware
 from walmirror.errors import PermanentBackendError
 from walmirror.faults import FaultyStore
+from walmirror.protocol import Batch, implements, is_producer_store
 
 KEY: SessionKey = {"project_key": "proj", "session_id": "s1"}
 OTHER: SessionKey = {"project_key": "proj", "session_id": "s2"}
@@ -33,21 +35,6 @@ class MinimalStore:
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         return self.data.get(key["session_id"])
-
-
-class OffsetMemoryStore(InMemorySessionStore):
-    """InMemorySessionStore plus a naive append_at/length."""
-
-    async def append_at(
-        self, key: SessionKey, offset: int, entries: list[SessionStoreEntry]
-    ) -> int:
-        have = await self.length(key)
-        assert offset <= have
-        await self.append(key, entries[have - offset :])
-        return await self.length(key)
-
-    async def length(self, key: SessionKey) -> int:
-        return len(await self.load(key) or [])
 
 
 async def test_down_raises_and_heals_after_duration() -> None:
@@ -205,31 +192,45 @@ def test_mirrors_in_memory_store_methods() -> None:
     assert isinstance(store, FaultyStore)
     for method in ("list_sessions", "list_session_summaries", "delete", "list_subkeys"):
         assert implements(store, method), method
-    assert getattr(store, "append_at", None) is None
-    assert not is_offset_aware(store)
+    assert getattr(store, "append_batch", None) is None
+    assert not is_producer_store(store)
 
 
 def test_minimal_store_has_no_optional_methods() -> None:
     store = FaultyStore(MinimalStore())  # type: ignore[arg-type]
-    assert getattr(store, "append_at", None) is None
+    assert getattr(store, "append_batch", None) is None
     assert getattr(store, "length", None) is None
     for method in ("list_sessions", "list_session_summaries", "delete", "list_subkeys"):
         assert not implements(store, method), method
     assert type(store).delete is SessionStore.delete
 
 
-async def test_offset_aware_store_exposes_append_at() -> None:
-    store = FaultyStore(OffsetMemoryStore())
-    assert is_offset_aware(store)
-    assert await store.append_at(KEY, 0, [entry(0), entry(1)]) == 2  # type: ignore[attr-defined]
-    assert await store.append_at(KEY, 1, [entry(1), entry(2)]) == 3  # type: ignore[attr-defined]
-    assert await store.length(KEY) == 3  # type: ignore[attr-defined]
-    assert store.calls["append_at"] == 2
+async def test_a_protocol_store_keeps_its_protocol_methods() -> None:
+    store: Any = FaultyStore(MemoryStore())
+    assert is_producer_store(store)
+    receipt = await store.append_batch(KEY, Batch.of("p1", 0, [entry(0), entry(1)]))
+    assert receipt.appended == 2
+    assert (await store.append_batch(KEY, Batch.of("p1", 1, [entry(1), entry(2)]))).appended == 1
+    assert await store.producer_mark(KEY, "p1") == 2
+    assert store.calls["append_batch"] == 2
+
+
+async def test_a_held_write_fails_now_and_lands_when_released() -> None:
+    inner = MemoryStore()
+    store: Any = FaultyStore(inner)
+    store.hold_next(1)
+    with pytest.raises(ConnectionError, match="held"):
+        await store.append(KEY, [entry(0)])
+    assert await inner.load(KEY) is None and store.held == 1
+    await store.append(KEY, [entry(1)])  # the next write goes through
+    assert await store.release_held() == [None]
+    assert await inner.load(KEY) == [entry(1), entry(0)]
+    assert store.held == 0 and store.injected["held"] == 1
 
 
 async def test_wrapping_a_faulty_store_keeps_the_method_set() -> None:
-    store = FaultyStore(FaultyStore(OffsetMemoryStore()))
-    assert is_offset_aware(store)
+    store = FaultyStore(FaultyStore(MemoryStore()))  # type: ignore[arg-type]
+    assert is_producer_store(store)
     assert implements(store, "delete")
 
 
@@ -237,5 +238,5 @@ async def test_conformance_with_no_faults() -> None:
     await run_session_store_conformance(lambda: FaultyStore(InMemorySessionStore()))
 
 
-async def test_conformance_of_offset_aware_wrapper() -> None:
-    await run_session_store_conformance(lambda: FaultyStore(OffsetMemoryStore()))
+async def test_conformance_of_a_protocol_store_wrapper() -> None:
+    await run_session_store_conformance(lambda: FaultyStore(MemoryStore()))  # type: ignore[arg-type]

@@ -1,4 +1,6 @@
-"""Tests for walmirror.backends.file.FileStore."""
+"""Tests for walmirror.backends.file.FileStore: what the shared protocol suite
+(tests/test_protocol_backends.py) cannot say about files: the CLI's layout, the
+state files beside it, crashes between the two writes, and other processes."""
 
 from __future__ import annotations
 
@@ -19,15 +21,10 @@ from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.testing.session_store_conformance import run_session_store_conformance
 from claude_agent_sdk.types import SessionKey
 
-from walmirror.backend import is_offset_aware
 from walmirror.backends import file as file_module
 from walmirror.backends.file import CorruptTranscriptError, FileStore
-from walmirror.errors import (
-    InvalidEntryError,
-    InvalidKeyError,
-    OffsetConflictError,
-    OffsetGapError,
-)
+from walmirror.errors import InvalidEntryError, InvalidKeyError, PermanentBackendError
+from walmirror.protocol import Batch, MarkBehindError, Receipt, encode_entry, is_producer_store
 
 KEY: SessionKey = {"project_key": "proj", "session_id": "sess"}
 SUB: SessionKey = {"project_key": "proj", "session_id": "sess", "subpath": "subagents/agent-1"}
@@ -37,14 +34,29 @@ def entries(count: int, start: int = 0) -> list[Any]:
     return [{"type": "user", "uuid": f"u{i}", "n": i} for i in range(start, start + count)]
 
 
+def batch(producer: str, first: int, count: int, expect: int | None = None) -> Batch:
+    return Batch.of(producer, first, entries(count, start=first), expect)
+
+
 def transcript(root: Path, key: SessionKey = KEY) -> Path:
     if "subpath" in key:
         return root / "proj" / "sess" / (key["subpath"] + ".jsonl")
     return root / "proj" / "sess.jsonl"
 
 
-def sidecar(root: Path) -> Path:
-    return root / "proj" / ".walmirror" / "sess.summary.json"
+def state_file(root: Path, key: SessionKey = KEY) -> Path:
+    if "subpath" in key:
+        return root / "proj" / ".walmirror" / "sess" / (key["subpath"] + ".state.json")
+    return root / "proj" / ".walmirror" / "sess.state.json"
+
+
+def state(root: Path, key: SessionKey = KEY) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(state_file(root, key).read_bytes())
+    return doc
+
+
+def lines(items: list[Any]) -> bytes:
+    return b"".join(encode_entry(e) + b"\n" for e in items)
 
 
 def all_files(root: Path) -> list[Path]:
@@ -77,8 +89,12 @@ async def test_passes_sdk_conformance_suite(tmp_path: Path) -> None:
     await run_session_store_conformance(lambda: FileStore(tmp_path / uuid.uuid4().hex))
 
 
-def test_is_offset_aware(store: FileStore) -> None:
-    assert is_offset_aware(store)
+def test_speaks_the_producer_protocol(store: FileStore) -> None:
+    assert is_producer_store(store)
+
+
+def test_corrupt_transcript_error_is_the_shared_permanent_error() -> None:
+    assert issubclass(CorruptTranscriptError, PermanentBackendError)
 
 
 # --- Layout -------------------------------------------------------------
@@ -91,6 +107,18 @@ async def test_main_transcript_is_cli_style_jsonl(store: FileStore, root: Path) 
     )
 
 
+async def test_batches_land_as_their_canonical_lines_byte_for_byte(
+    store: FileStore, root: Path
+) -> None:
+    first = Batch.of("pa", 0, [{"type": "user", "text": "héllo", "odd": "\ud800"}])
+    second = batch("pb", 0, 2)
+    await store.append_batch(KEY, first)
+    await store.append_batch(KEY, second)
+    await store.append_batch(KEY, second)  # a repeat adds nothing, not even a blank line
+    expected = b"".join(b + b"\n" for b in [*first.encoded, *second.encoded])
+    assert transcript(root).read_bytes() == expected
+
+
 async def test_subagent_transcript_lives_under_session_directory(
     store: FileStore, root: Path
 ) -> None:
@@ -99,10 +127,22 @@ async def test_subagent_transcript_lives_under_session_directory(
     assert await store.list_subkeys(KEY) == ["subagents/agent-1"]
 
 
-async def test_summary_sidecar_is_hidden_and_not_jsonl(store: FileStore, root: Path) -> None:
-    await store.append(KEY, entries(1))
-    assert sidecar(root).is_file()
+async def test_state_files_are_hidden_and_not_jsonl(store: FileStore, root: Path) -> None:
+    await store.append_batch(KEY, batch("pa", 0, 1))
+    await store.append_batch(SUB, batch("pa", 0, 1))
+    assert state_file(root).is_file() and state_file(root, SUB).is_file()
     assert [p.name for p in (root / "proj").glob("*.jsonl")] == ["sess.jsonl"]
+    assert not list((root / "proj" / ".walmirror").rglob("*.jsonl"))
+
+
+async def test_state_file_holds_marks_size_and_lines(store: FileStore, root: Path) -> None:
+    await store.append_batch(KEY, batch("pa", 0, 2))
+    await store.append(KEY, entries(1, start=2))
+    await store.append_batch(KEY, batch("pb", 10, 3))
+    doc = state(root)
+    assert doc["marks"] == {"pa": 1, "pb": 12}
+    assert doc["size"] == transcript(root).stat().st_size
+    assert doc["lines"] == 6 == await store.length(KEY)
 
 
 async def test_append_of_empty_list_creates_nothing(store: FileStore, root: Path) -> None:
@@ -111,12 +151,14 @@ async def test_append_of_empty_list_creates_nothing(store: FileStore, root: Path
     assert await store.load(KEY) is None
 
 
-async def test_load_of_never_written_key_returns_none(store: FileStore) -> None:
+async def test_load_of_never_written_key_returns_none(store: FileStore, root: Path) -> None:
     assert await store.load(KEY) is None
     assert await store.length(KEY) == 0
+    assert await store.producer_mark(KEY, "pa") is None
+    assert all_files(root) == []
 
 
-async def test_delete_of_main_key_removes_transcript_subagents_and_sidecar(
+async def test_delete_without_marks_removes_transcripts_and_state_files(
     store: FileStore, root: Path
 ) -> None:
     await store.append(KEY, entries(2))
@@ -127,13 +169,48 @@ async def test_delete_of_main_key_removes_transcript_subagents_and_sidecar(
     assert await store.list_session_summaries("proj") == []
 
 
+async def test_delete_keeps_each_keys_marks_as_a_tombstone(store: FileStore, root: Path) -> None:
+    # contract 5: the marks outlive the transcripts, main key and subkeys alike.
+    await store.append_batch(KEY, batch("pa", 0, 2))
+    await store.append_batch(SUB, batch("pa", 0, 3))
+    await store.delete(KEY)
+    assert not transcript(root).exists() and not transcript(root, SUB).exists()
+    assert state(root) == {"size": 0, "lines": 0, "marks": {"pa": 1}}
+    assert state(root, SUB) == {"size": 0, "lines": 0, "marks": {"pa": 2}}
+    assert await store.producer_mark(SUB, "pa") == 2
+
+
+async def test_a_deleted_key_is_not_listed(store: FileStore) -> None:
+    # contract 5: a tombstone is not a session.
+    await store.append_batch(KEY, batch("pa", 0, 2))
+    await store.append_batch(SUB, batch("pa", 0, 1))
+    await store.delete(KEY)
+    assert await store.list_sessions("proj") == []
+    assert await store.list_subkeys(KEY) == []
+    assert await store.list_session_summaries("proj") == []
+
+
+async def test_a_retry_after_delete_is_a_no_op_that_creates_no_file(
+    store: FileStore, root: Path
+) -> None:
+    # contract 5: nothing written before the delete comes back.
+    await store.append_batch(KEY, batch("pa", 0, 3))
+    await store.delete(KEY)
+    assert await store.append_batch(KEY, batch("pa", 0, 3)) == Receipt(0, 2, 0)
+    assert not transcript(root).exists()
+    assert await store.list_sessions("proj") == []
+    assert await store.append_batch(KEY, batch("pa", 3, 1, expect=2)) == Receipt(1, 3, 1)
+    assert await store.load(KEY) == entries(1, start=3)
+
+
 async def test_delete_of_subpath_keeps_main_transcript_and_summary(
     store: FileStore, root: Path
 ) -> None:
     await store.append(KEY, entries(2))
-    await store.append(SUB, entries(1))
+    await store.append_batch(SUB, batch("pa", 0, 1))
     await store.delete(SUB)
     assert not transcript(root, SUB).exists()
+    assert state(root, SUB)["marks"] == {"pa": 0}
     assert await store.load(KEY) == entries(2)
     assert len(await store.list_session_summaries("proj")) == 1
 
@@ -143,9 +220,9 @@ async def test_created_files_and_directories_are_owner_only(
 ) -> None:
     await store.append(KEY, entries(1))
     await store.append(SUB, entries(1))
-    for path in (transcript(root), transcript(root, SUB), sidecar(root)):
+    for path in (transcript(root), transcript(root, SUB), state_file(root), state_file(root, SUB)):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    for directory in (root, root / "proj", root / "proj" / "sess", sidecar(root).parent):
+    for directory in (root, root / "proj", root / "proj" / "sess", state_file(root).parent):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
 
 
@@ -156,122 +233,82 @@ async def test_file_mode_is_configurable(root: Path, umask_022: None) -> None:
     assert stat.S_IMODE((root / "proj").stat().st_mode) == 0o750
 
 
-# --- Offsets ------------------------------------------------------------
+# --- Crashes between the transcript write and the state write ----------------
+
+_CRASH_BEFORE_STATE = """
+import asyncio, os, sys
+from walmirror.backends.file import FileStore
+from walmirror.protocol import Batch
+
+real = FileStore._replace_state
+
+def crash_after_the_transcript_write(self, key, state):
+    if state.size > 0:  # the state that would acknowledge the lines just written
+        os._exit(9)
+    return real(self, key, state)
+
+FileStore._replace_state = crash_after_the_transcript_write
+key = {"project_key": "proj", "session_id": "sess"}
+first, count = int(sys.argv[2]), int(sys.argv[3])
+entries = [{"type": "user", "uuid": f"u{i}", "n": i} for i in range(first, first + count)]
+asyncio.run(FileStore(sys.argv[1]).append_batch(key, Batch.of("pa", first, entries)))
+"""
 
 
-async def test_append_at_returns_new_length(store: FileStore) -> None:
-    assert await store.append_at(KEY, 0, entries(2)) == 2
-    assert await store.append_at(KEY, 2, entries(3, start=2)) == 5
-    assert await store.length(KEY) == 5
+async def crash_before_state_write(root: Path, first: int, count: int) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CRASH_BEFORE_STATE, str(root), str(first), str(count)
+    )
+    assert await proc.wait() == 9
+
+
+@pytest.mark.parametrize("stored_before", [0, 2], ids=["first-batch", "later-batch"])
+async def test_a_crash_before_the_state_write_leaves_the_batch_unacknowledged(
+    root: Path, stored_before: int
+) -> None:
+    # contract 2: SIGKILL between the backend's two writes; the retry lands once.
+    if stored_before:
+        await FileStore(root).append_batch(KEY, batch("pa", 0, stored_before))
+    await crash_before_state_write(root, stored_before, 3)
+    assert len(transcript(root).read_bytes().splitlines()) == stored_before + 3  # it got there
+    fresh = FileStore(root)  # as after the restart
+    assert await fresh.producer_mark(KEY, "pa") == (stored_before - 1 if stored_before else None)
+    receipt = await fresh.append_batch(KEY, batch("pa", stored_before, 3))
+    assert receipt == Receipt(3, stored_before + 2, stored_before + 3)
+    assert transcript(root).read_bytes() == lines(entries(stored_before + 3))
+
+
+async def test_the_tail_of_a_crashed_append_is_dropped_before_a_plain_append(
+    store: FileStore, root: Path
+) -> None:
+    await store.append_batch(KEY, batch("pa", 0, 2))
+    with transcript(root).open("ab") as f:  # complete lines the state never acknowledged
+        f.write(lines(entries(2, start=100)))
+    await FileStore(root).append(KEY, entries(1, start=2))
+    assert await store.load(KEY) == entries(3)
+    assert state(root)["lines"] == 3
+
+
+async def test_a_failed_state_write_rolls_the_batch_back_and_the_retry_lands_once(
+    store: FileStore, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.append_batch(KEY, batch("pa", 0, 2))
+    before = transcript(root).read_bytes()
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileStore, "_replace_state", disk_full)
+    with pytest.raises(OSError):
+        await store.append_batch(KEY, batch("pa", 2, 3, expect=1))
+    monkeypatch.undo()
+    assert transcript(root).read_bytes() == before
+    assert await store.producer_mark(KEY, "pa") == 1
+    assert (await store.append_batch(KEY, batch("pa", 2, 3, expect=1))).appended == 3
     assert await store.load(KEY) == entries(5)
 
 
-async def test_append_at_repeat_is_a_noop(store: FileStore, root: Path) -> None:
-    await store.append_at(KEY, 0, entries(3))
-    before = transcript(root).read_bytes()
-    assert await store.append_at(KEY, 0, entries(3)) == 3
-    assert await store.append_at(KEY, 1, entries(2, start=1)) == 3
-    assert transcript(root).read_bytes() == before
-
-
-async def test_append_at_partial_overlap_appends_only_new_suffix(store: FileStore) -> None:
-    await store.append_at(KEY, 0, entries(3))
-    assert await store.append_at(KEY, 1, entries(4, start=1)) == 5
-    assert await store.load(KEY) == entries(5)
-
-
-async def test_append_at_overlap_compares_parsed_json_not_bytes(
-    store: FileStore, root: Path
-) -> None:
-    await store.append_at(KEY, 0, [{"type": "x", "a": 1, "b": [1, 2]}])
-    assert await store.append_at(KEY, 0, [{"b": [1, 2], "a": 1, "type": "x"}]) == 1
-    assert await store.load(KEY) == [{"type": "x", "a": 1, "b": [1, 2]}]
-
-
-async def test_append_at_conflicting_overlap_raises_and_leaves_file_unchanged(
-    store: FileStore, root: Path
-) -> None:
-    await store.append_at(KEY, 0, entries(3))
-    before = transcript(root).read_bytes()
-    different = [*entries(1, start=2), {"type": "user", "uuid": "other"}]  # offsets 2, 3
-    different[0] = {**different[0], "n": 99}
-    with pytest.raises(OffsetConflictError) as info:
-        await store.append_at(KEY, 2, different)
-    assert (info.value.offset, info.value.length) == (2, 3)
-    assert transcript(root).read_bytes() == before
-    assert await store.length(KEY) == 3
-
-
-async def test_append_at_gap_raises(store: FileStore, root: Path) -> None:
-    await store.append_at(KEY, 0, entries(2))
-    with pytest.raises(OffsetGapError) as info:
-        await store.append_at(KEY, 3, entries(1, start=3))
-    assert (info.value.offset, info.value.length) == (3, 2)
-    assert await store.length(KEY) == 2
-
-
-async def test_append_at_gap_on_unknown_key_creates_nothing(store: FileStore, root: Path) -> None:
-    with pytest.raises(OffsetGapError):
-        await store.append_at(KEY, 1, entries(1))
-    assert all_files(root) == []
-
-
-async def test_append_at_rejects_negative_offset(store: FileStore) -> None:
-    with pytest.raises(ValueError):
-        await store.append_at(KEY, -1, entries(1))
-
-
-async def test_plain_append_continues_after_append_at(store: FileStore) -> None:
-    await store.append_at(KEY, 0, entries(2))
-    await store.append(KEY, entries(1, start=2))
-    assert await store.append_at(KEY, 3, entries(1, start=3)) == 4
-    assert await store.load(KEY) == entries(4)
-
-
-# --- Crash repair -------------------------------------------------------
-
-
-@pytest.mark.parametrize("first_call", ["length", "load", "append", "append_at"])
-async def test_torn_last_line_is_repaired_before_use(
-    store: FileStore, root: Path, first_call: str
-) -> None:
-    await store.append(KEY, entries(2))
-    clean = transcript(root).read_bytes()
-    with transcript(root).open("ab") as f:
-        f.write(b'{"type":"user","uuid":"torn","n"')  # a crash mid-write
-    fresh = FileStore(root)  # as after a restart: no cache
-    if first_call == "length":
-        assert await fresh.length(KEY) == 2
-    elif first_call == "load":
-        assert await fresh.load(KEY) == entries(2)
-    elif first_call == "append":
-        await fresh.append(KEY, entries(1, start=2))
-    else:
-        assert await fresh.append_at(KEY, 2, entries(1, start=2)) == 3
-    assert transcript(root).read_bytes().startswith(clean)
-    assert b"torn" not in transcript(root).read_bytes()
-    assert await fresh.append_at(KEY, 2, entries(2, start=2)) == 4
-    assert await fresh.load(KEY) == entries(4)
-
-
-async def test_torn_only_line_leaves_key_empty(store: FileStore, root: Path) -> None:
-    transcript(root).parent.mkdir(parents=True)
-    transcript(root).write_bytes(b'{"type":"us')
-    assert await store.length(KEY) == 0
-    assert await store.load(KEY) is None
-    assert await store.append_at(KEY, 0, entries(1)) == 1
-    assert await store.load(KEY) == entries(1)
-
-
-async def test_corrupt_middle_line_raises_without_content(store: FileStore, root: Path) -> None:
-    transcript(root).parent.mkdir(parents=True)
-    transcript(root).write_bytes(b'{"type":"x"}\nsecret-garbage\n{"type":"y"}\n')
-    with pytest.raises(CorruptTranscriptError, match="line 2") as info:
-        await store.load(KEY)
-    assert "secret" not in str(info.value)
-
-
-async def test_failed_write_is_rolled_back(
+async def test_a_failed_transcript_write_is_rolled_back(
     store: FileStore, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await store.append(KEY, entries(2))
@@ -290,37 +327,124 @@ async def test_failed_write_is_rolled_back(
     assert await store.length(KEY) == 2
 
 
+@pytest.mark.parametrize("first_call", ["length", "load", "producer_mark", "append", "batch"])
+async def test_torn_last_line_is_removed_before_use(
+    store: FileStore, root: Path, first_call: str
+) -> None:
+    await store.append_batch(KEY, batch("pa", 0, 2))
+    clean = transcript(root).read_bytes()
+    with transcript(root).open("ab") as f:
+        f.write(b'{"type":"user","uuid":"torn","n"')  # a crash mid-write
+    fresh = FileStore(root)  # as after a restart
+    if first_call == "length":
+        assert await fresh.length(KEY) == 2
+    elif first_call == "load":
+        assert await fresh.load(KEY) == entries(2)
+    elif first_call == "producer_mark":
+        assert await fresh.producer_mark(KEY, "pa") == 1
+    elif first_call == "append":
+        await fresh.append(KEY, entries(1, start=2))
+    else:
+        assert (await fresh.append_batch(KEY, batch("pa", 2, 1, expect=1))).appended == 1
+    assert transcript(root).read_bytes().startswith(clean)
+    assert b"torn" not in transcript(root).read_bytes()
+    assert await fresh.length(KEY) == state(root)["lines"]
+
+
+async def test_torn_only_line_of_a_transcript_without_state_leaves_key_empty(
+    store: FileStore, root: Path
+) -> None:
+    transcript(root).parent.mkdir(parents=True)
+    transcript(root).write_bytes(b'{"type":"us')
+    assert await store.length(KEY) == 0
+    assert await store.load(KEY) is None
+    assert (await store.append_batch(KEY, batch("pa", 0, 1))).appended == 1
+    assert await store.load(KEY) == entries(1)
+
+
+async def test_corrupt_middle_line_raises_without_content(store: FileStore, root: Path) -> None:
+    transcript(root).parent.mkdir(parents=True)
+    transcript(root).write_bytes(b'{"type":"x"}\nsecret-garbage\n{"type":"y"}\n')
+    with pytest.raises(CorruptTranscriptError, match="line 2") as info:
+        await store.load(KEY)
+    assert "secret" not in str(info.value)
+
+
+# --- Transcripts changed outside the store: marks unknown --------------------
+
+
+async def test_a_transcript_without_state_is_adopted_with_no_marks(
+    store: FileStore, root: Path
+) -> None:
+    # Written by the CLI or an older FileStore: kept as is, with no producer known.
+    transcript(root).parent.mkdir(parents=True)
+    transcript(root).write_bytes(lines(entries(2)))
+    assert await store.length(KEY) == 2
+    assert await store.producer_mark(KEY, "pa") is None
+    with pytest.raises(MarkBehindError):
+        await store.append_batch(KEY, batch("pa", 5, 1, expect=4))
+    assert await store.append_batch(KEY, batch("pb", 0, 1)) == Receipt(1, 0, 3)
+    assert state(root)["marks"] == {"pb": 0}
+    assert (await store.list_session_summaries("proj"))[0]["data"] == fold_session_summary(
+        None, KEY, [*entries(2), *entries(1)]
+    )["data"]
+
+
+@pytest.mark.parametrize("damage", ["transcript-deleted", "transcript-truncated"])
+async def test_a_transcript_shorter_than_its_state_forgets_the_marks(
+    store: FileStore, root: Path, damage: str
+) -> None:
+    # An operator removed acknowledged entries by hand: the producer must hear of it.
+    await store.append_batch(KEY, batch("pa", 0, 3))
+    if damage == "transcript-deleted":
+        transcript(root).unlink()
+    else:
+        transcript(root).write_bytes(lines(entries(1)))
+    assert await store.producer_mark(KEY, "pa") is None
+    with pytest.raises(MarkBehindError) as caught:
+        await store.append_batch(KEY, batch("pa", 3, 1, expect=2))
+    assert caught.value.mark is None
+    kept = 0 if damage == "transcript-deleted" else 1
+    assert await store.length(KEY) == kept
+
+
+async def test_an_unreadable_state_file_means_marks_unknown(store: FileStore, root: Path) -> None:
+    await store.append_batch(KEY, batch("pa", 0, 2))
+    state_file(root).write_bytes(b"{not json")
+    with pytest.raises(MarkBehindError):
+        await store.append_batch(KEY, batch("pa", 2, 1, expect=1))
+    assert await store.load(KEY) == entries(2)
+
+
 # --- Other writers ------------------------------------------------------
 
 
-async def test_length_cache_notices_another_writer(root: Path) -> None:
+async def test_a_mark_written_by_another_instance_is_honoured(root: Path) -> None:
+    # contract 2: another host (its own FileStore on the shared root) wrote the key.
+    mine, theirs = FileStore(root), FileStore(root)
+    await theirs.append_batch(KEY, batch("their-host", 0, 2))
+    await mine.append_batch(KEY, batch("my-host", 0, 1))
+    assert await mine.producer_mark(KEY, "their-host") == 1
+    assert (await mine.append_batch(KEY, batch("their-host", 0, 2))).appended == 0  # late retry
+    assert await theirs.append_batch(KEY, batch("their-host", 2, 1, expect=1)) == Receipt(1, 2, 4)
+    assert state(root)["marks"] == {"their-host": 2, "my-host": 0}
+
+
+async def test_length_sees_another_writer(root: Path) -> None:
     mine, theirs = FileStore(root), FileStore(root)
     await mine.append(KEY, entries(2))
     assert await mine.length(KEY) == 2
     await theirs.append(KEY, entries(3, start=2))
     assert await mine.length(KEY) == 5
-    assert await mine.append_at(KEY, 5, entries(1, start=5)) == 6
-    assert await theirs.length(KEY) == 6
 
 
-async def test_length_cache_is_dropped_when_another_writer_recreates_the_file(
-    root: Path,
-) -> None:
+async def test_a_session_recreated_by_another_writer_is_read_fresh(root: Path) -> None:
     mine, theirs = FileStore(root), FileStore(root)
     await mine.append(KEY, entries(3))
-    assert await mine.length(KEY) == 3
     await theirs.delete(KEY)
     await theirs.append(KEY, entries(1, start=10))
     assert await mine.length(KEY) == 1
     assert await mine.load(KEY) == entries(1, start=10)
-
-
-async def test_overlap_with_another_writers_entries_raises_conflict(root: Path) -> None:
-    mine, theirs = FileStore(root), FileStore(root)
-    await mine.append_at(KEY, 0, entries(2))
-    await theirs.append_at(KEY, 2, entries(1, start=100))
-    with pytest.raises(OffsetConflictError):
-        await mine.append_at(KEY, 2, entries(1, start=2))
 
 
 async def test_append_waits_for_a_file_lock_held_by_another_process(
@@ -331,7 +455,7 @@ async def test_append_waits_for_a_file_lock_held_by_another_process(
     fd = os.open(transcript(root), os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        pending = asyncio.create_task(store.append(KEY, entries(1, start=1)))
+        pending = asyncio.create_task(store.append_batch(KEY, batch("pa", 1, 1)))
         await asyncio.sleep(0.2)
         assert not pending.done()
     finally:
@@ -347,9 +471,10 @@ async def test_append_waiting_on_a_deleted_file_writes_to_the_new_file(
     fd = os.open(transcript(root), os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        pending = asyncio.create_task(store.append(KEY, entries(1, start=1)))
+        pending = asyncio.create_task(store.append_batch(KEY, batch("pa", 1, 1)))
         await asyncio.sleep(0.2)
         transcript(root).unlink()  # another host deletes the session meanwhile
+        state_file(root).unlink()
     finally:
         os.close(fd)
     await asyncio.wait_for(pending, timeout=10)
@@ -359,22 +484,26 @@ async def test_append_waiting_on_a_deleted_file_writes_to_the_new_file(
 _WRITER = """
 import asyncio, sys
 from walmirror.backends.file import FileStore
+from walmirror.protocol import Batch
 
 async def main(root: str, tag: str, batches: int, size: int) -> None:
     store = FileStore(root)
     key = {"project_key": "proj", "session_id": "sess"}
     for b in range(batches):
-        batch = [{"type": "x", "w": tag, "i": b * size + j} for j in range(size)]
-        await store.append(key, batch)
+        entries = [{"type": "x", "w": tag, "i": b * size + j} for j in range(size)]
+        sent = Batch.of(tag, b * size, entries, None if b == 0 else b * size - 1)
+        await store.append_batch(key, sent)
+        await store.append_batch(key, sent)  # every reply "lost" once
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 """
 
 
-async def test_two_processes_appending_the_same_key_lose_nothing(
+async def test_two_processes_writing_one_key_land_each_entry_once(
     store: FileStore, root: Path
 ) -> None:
-    batches, size = 60, 7
+    # contract 2: two hosts at once, each retrying every batch.
+    batches, size = 40, 7
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-c", _WRITER, str(root), tag, str(batches), str(size)
@@ -383,16 +512,17 @@ async def test_two_processes_appending_the_same_key_lose_nothing(
     ]
     assert [await p.wait() for p in procs] == [0, 0]
 
-    lines = transcript(root).read_bytes().split(b"\n")
-    assert lines[-1] == b""
-    parsed = [json.loads(line) for line in lines[:-1]]
+    raw = transcript(root).read_bytes().split(b"\n")
+    assert raw[-1] == b""
+    parsed = [json.loads(line) for line in raw[:-1]]
     assert len(parsed) == 2 * batches * size
     for tag in ("a", "b"):
         assert [e["i"] for e in parsed if e["w"] == tag] == list(range(batches * size))
     assert await store.length(KEY) == 2 * batches * size
-    # The summary folded every entry exactly once, even with two writers.
-    with sidecar(root).open() as f:
-        assert json.load(f)["folded"] == 2 * batches * size
+    assert state(root)["marks"] == {"a": batches * size - 1, "b": batches * size - 1}
+    # The summary folded every entry exactly once, in storage order.
+    [summary] = await store.list_session_summaries("proj")
+    assert summary["data"] == fold_session_summary(None, KEY, parsed)["data"]
 
 
 # --- Bad input ----------------------------------------------------------
@@ -412,6 +542,8 @@ async def test_two_processes_appending_the_same_key_lose_nothing(
         {"project_key": "proj", "session_id": ".walmirror"},
         {"project_key": "proj", "session_id": "s.jsonl"},
         {"project_key": "proj", "session_id": "sess", "subpath": "d.jsonl/agent"},
+        {"project_key": "proj", "session_id": "s.state.json"},
+        {"project_key": "proj", "session_id": "sess", "subpath": "d.state.json/agent"},
     ],
     ids=repr,
 )
@@ -419,7 +551,8 @@ async def test_invalid_key_raises_and_creates_nothing(root: Path, key: Any) -> N
     store = FileStore(root)
     calls = [
         store.append(key, entries(1)),
-        store.append_at(key, 0, entries(1)),
+        store.append_batch(key, batch("pa", 0, 1)),
+        store.producer_mark(key, "pa"),
         store.length(key),
         store.load(key),
         store.delete(key),
@@ -443,11 +576,10 @@ async def test_invalid_project_key_in_listings_raises(store: FileStore, project_
     [
         {"type": "x", "secret": {1, 2}},
         {"type": "x", "secret": float("nan")},
-        {"type": "x", "secret": "\ud800"},
         {"type": "x", "secret": object()},
         ["not", "a", "dict"],
     ],
-    ids=["set", "nan", "lone-surrogate", "object", "list"],
+    ids=["set", "nan", "object", "list"],
 )
 async def test_unserialisable_entry_raises_and_writes_nothing(
     store: FileStore, root: Path, bad: Any
@@ -457,9 +589,14 @@ async def test_unserialisable_entry_raises_and_writes_nothing(
     with pytest.raises(InvalidEntryError) as info:
         await store.append(KEY, [*entries(1, start=1), bad])
     assert "secret" not in str(info.value)
-    with pytest.raises(InvalidEntryError):
-        await store.append_at(KEY, 1, [*entries(1, start=1), bad])
     assert transcript(root).read_bytes() == before
+
+
+async def test_a_lone_surrogate_is_stored_as_an_escape_and_read_back(store: FileStore) -> None:
+    # contract 11: what the SDK's own stores accept, FileStore accepts.
+    entry = {"type": "x", "text": "\ud800"}
+    await store.append(KEY, [entry])
+    assert await store.load(KEY) == [entry]
 
 
 async def test_unserialisable_entry_for_new_key_creates_nothing(
@@ -468,6 +605,22 @@ async def test_unserialisable_entry_for_new_key_creates_nothing(
     with pytest.raises(InvalidEntryError):
         await store.append(KEY, [{"type": "x", "bad": {1}}])
     assert all_files(root) == []
+
+
+async def test_an_encoded_entry_holding_a_newline_is_refused(store: FileStore, root: Path) -> None:
+    with pytest.raises(ValueError):
+        await store.append_batch(KEY, Batch("pa", 0, [b'{"a":1}\n{"b":2}']))
+    assert await store.load(KEY) is None
+
+
+async def test_an_encoded_entry_that_is_not_a_json_object_is_refused(store: FileStore) -> None:
+    # A main key folds what it appends, so it reads every line before writing it.
+    with pytest.raises(ValueError):
+        await store.append_batch(KEY, Batch("pa", 0, [b'{"a":1}', b'{"b":']))
+    with pytest.raises(ValueError):
+        await store.append_batch(KEY, Batch("pa", 0, [b'{"a":1},{"b":2}']))
+    assert await store.load(KEY) is None
+    assert await store.producer_mark(KEY, "pa") is None
 
 
 # --- Summaries ----------------------------------------------------------
@@ -491,8 +644,8 @@ async def only_summary(store: FileStore) -> dict[str, Any]:
 
 
 async def test_summary_is_the_fold_of_all_entries(store: FileStore) -> None:
-    for batch in TITLED:
-        await store.append(KEY, batch)
+    for titled in TITLED:
+        await store.append(KEY, titled)
     summary = await only_summary(store)
     assert summary["data"] == expected_data(TITLED)
     assert set(summary) == {"session_id", "mtime", "data"}  # no internal fields
@@ -505,50 +658,37 @@ async def test_summary_mtime_is_the_transcript_mtime(store: FileStore, root: Pat
     assert summary["mtime"] == listed["mtime"] == transcript(root).stat().st_mtime_ns // 1_000_000
 
 
-@pytest.mark.parametrize("crash", ["sidecar-missing", "sidecar-rolled-back"])
-async def test_summary_catches_up_after_crash_before_sidecar_write(
-    store: FileStore, root: Path, crash: str
+async def test_summary_folds_a_batch_once_when_a_crash_hit_before_its_state_write(
+    root: Path,
 ) -> None:
-    await store.append(KEY, TITLED[0])
-    old_sidecar = sidecar(root).read_bytes()
-    await store.append(KEY, TITLED[1])
-    # The transcript write of TITLED[1] landed; its sidecar write did not.
-    if crash == "sidecar-missing":
-        sidecar(root).unlink()
-    else:
-        sidecar(root).write_bytes(old_sidecar)
-    await store.append(KEY, TITLED[2])
-    assert (await only_summary(store))["data"] == expected_data(TITLED)
+    await FileStore(root).append_batch(KEY, Batch.of("pa", 0, TITLED[0]))
+    await crash_before_state_write(root, 1, 1)  # its lines landed, its state did not
+    fresh = FileStore(root)
+    await fresh.append_batch(KEY, Batch.of("pa", 1, TITLED[1], expect=0))
+    assert (await only_summary(fresh))["data"] == expected_data(TITLED[:2])
 
 
-async def test_repeat_catches_up_sidecar_without_refolding(store: FileStore, root: Path) -> None:
-    await store.append_at(KEY, 0, TITLED[0])
-    old_sidecar = sidecar(root).read_bytes()
-    await store.append_at(KEY, 1, TITLED[1])
-    sidecar(root).write_bytes(old_sidecar)  # crash before the sidecar write
-    # The flusher's retry after the crash is a repeat: nothing new is written,
-    # the sidecar is caught up, and the repeated entry is not folded twice.
-    assert await store.append_at(KEY, 1, TITLED[1]) == 2
-    assert (await only_summary(store))["data"] == expected_data(TITLED[:2])
-    # A repeat of an older batch must not fold it again ("one" would win).
-    assert await store.append_at(KEY, 0, TITLED[0]) == 2
-    assert (await only_summary(store))["data"]["custom_title"] == "two"
+async def test_a_repeated_batch_is_not_folded_again(store: FileStore) -> None:
+    await store.append_batch(KEY, Batch.of("pa", 0, TITLED[0]))
+    await store.append_batch(KEY, Batch.of("pa", 1, TITLED[1], expect=0))
+    assert (await store.append_batch(KEY, Batch.of("pa", 0, TITLED[0]))).appended == 0
+    assert (await only_summary(store))["data"]["custom_title"] == "two"  # "one" would win
 
 
-async def test_summary_is_rebuilt_from_transcript_when_sidecar_is_corrupt(
+async def test_summary_is_rebuilt_from_transcript_when_state_is_unreadable(
     store: FileStore, root: Path
 ) -> None:
     await store.append(KEY, TITLED[0])
     await store.append(KEY, TITLED[1])
-    sidecar(root).write_bytes(b"{not json")
+    state_file(root).write_bytes(b"{not json")
     await store.append(KEY, TITLED[2])
     assert (await only_summary(store))["data"] == expected_data(TITLED)
 
 
 async def test_summary_of_a_recreated_session_starts_fresh(store: FileStore) -> None:
-    await store.append(KEY, TITLED[0])
+    await store.append_batch(KEY, Batch.of("pa", 0, TITLED[0]))
     await store.delete(KEY)
-    await store.append(KEY, TITLED[1])
+    await store.append_batch(KEY, Batch.of("pa", 1, TITLED[1], expect=0))
     assert (await only_summary(store))["data"] == expected_data(TITLED[1:2])
 
 
@@ -557,24 +697,9 @@ async def test_summary_starts_fresh_when_transcript_was_removed_outside_the_stor
 ) -> None:
     await store.append(KEY, TITLED[0])
     await store.append(KEY, TITLED[1])
-    transcript(root).unlink()  # e.g. an operator's retention sweep; the sidecar remains
+    transcript(root).unlink()  # e.g. an operator's retention sweep; the state remains
     await store.append(KEY, TITLED[2])
     assert (await only_summary(store))["data"] == expected_data(TITLED[2:])
-
-
-async def test_failed_sidecar_write_does_not_fail_the_append(
-    store: FileStore, root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def disk_full(*args: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    await store.append(KEY, TITLED[0])
-    monkeypatch.setattr(FileStore, "_write_sidecar", disk_full)
-    await store.append(KEY, TITLED[1])  # durable: raising would make the SDK resend it
-    monkeypatch.undo()
-    assert await store.load(KEY) == TITLED[0] + TITLED[1]
-    await store.append(KEY, TITLED[2])
-    assert (await only_summary(store))["data"] == expected_data(TITLED)
 
 
 async def test_summaries_include_sessions_with_hidden_names(store: FileStore) -> None:
@@ -583,16 +708,14 @@ async def test_summaries_include_sessions_with_hidden_names(store: FileStore) ->
     assert summary["session_id"] == ".hidden"
 
 
-async def test_delete_removes_sidecar_tmp_files_left_by_a_crash(
-    store: FileStore, root: Path
-) -> None:
+async def test_delete_removes_state_tmp_files_left_by_a_crash(store: FileStore, root: Path) -> None:
     await store.append(KEY, TITLED[0])
-    await store.append({"project_key": "proj", "session_id": "sess.summary.json.1"}, TITLED[0])
-    leftover = sidecar(root).parent / ".sess.summary.json.123.0badc0de.tmp"
+    await store.append({"project_key": "proj", "session_id": "sess.state.json.1"}, TITLED[0])
+    leftover = state_file(root).parent / ".sess.state.json.123.0badc0de.tmp"
     leftover.write_bytes(b"{}")
     await store.delete(KEY)
-    assert sorted(p.name for p in sidecar(root).parent.iterdir()) == [
-        "sess.summary.json.1.summary.json"
+    assert sorted(p.name for p in state_file(root).parent.iterdir()) == [
+        "sess.state.json.1.state.json"
     ]
 
 

@@ -1,6 +1,11 @@
 """Tests for walmirror.backends.postgres.PostgresStore, against a real PostgreSQL.
 
-The shared server is ``WALMIRROR_TEST_POSTGRES`` (default
+The shared suite (tests/test_protocol_backends.py) states the delivery
+protocol for every backend; these tests cover what only PostgreSQL has: the
+tables and functions behind it, schema creation, the optimistic summary fold,
+a wiped store, and real faults (a fault proxy, a crashed server).
+
+The shared server is ``WALMIRROR_POSTGRES_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``). Every test works in tables of
 its own (random names) and drops them at the end. The restart test runs a
 private PostgreSQL instance (``initdb`` in a temporary directory) and never
@@ -30,17 +35,16 @@ from claude_agent_sdk.testing.session_store_conformance import run_session_store
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
 from walmirror import DurableSessionStore
-from walmirror.backend import accepts_encoded, is_offset_aware
 from walmirror.backends import postgres as postgres_module
 from walmirror.backends.postgres import PostgresStore
 from walmirror.errors import (
     InvalidEntryError,
     InvalidKeyError,
-    OffsetConflictError,
-    OffsetGapError,
+    MarkBehindError,
     PermanentBackendError,
 )
 from walmirror.faultproxy import FaultProxy
+from walmirror.protocol import Batch, Receipt, encode_entry, is_producer_store
 
 DSN = os.environ.get("WALMIRROR_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PG_BIN = Path(os.environ.get("WALMIRROR_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -63,6 +67,13 @@ def entries(count: int, start: int = 0, tag: str = "e") -> list[Any]:
         }
         for i in range(start, start + count)
     ]
+
+
+def batch(
+    producer: str, first: int, count: int, expect: int | None = None, tag: str | None = None
+) -> Batch:
+    """Seqs ``first``..``first + count - 1`` of ``producer``; entry ``n`` is its seq."""
+    return Batch.of(producer, first, entries(count, first, tag or producer), expect)
 
 
 def new_table() -> str:
@@ -113,11 +124,23 @@ async def store(make_store: MakeStore) -> PostgresStore:
     return await make_store()
 
 
-async def rows(store: PostgresStore, sql: str, *args: Any) -> list[asyncpg.Record]:
-    """Run ``sql``; ``{t}``, ``{keys}`` and ``{summaries}`` name the store's tables."""
-    for name, suffix in (("{t}", ""), ("{keys}", "__keys"), ("{summaries}", "__summaries")):
+_TABLES = (
+    ("{t}", ""),
+    ("{keys}", "__keys"),
+    ("{summaries}", "__summaries"),
+    ("{marks}", "__marks"),
+)
+
+
+def named(store: PostgresStore, sql: str) -> str:
+    """``sql`` with ``{t}``, ``{keys}``, ``{summaries}``, ``{marks}`` naming the store's tables."""
+    for name, suffix in _TABLES:
         sql = sql.replace(name, f'"{store.table}{suffix}"')
-    return list(await store.pool.fetch(sql, *args))
+    return sql
+
+
+async def rows(store: PostgresStore, sql: str, *args: Any) -> list[asyncpg.Record]:
+    return list(await store.pool.fetch(named(store, sql), *args))
 
 
 async def summary_row(store: PostgresStore, key: SessionKey) -> asyncpg.Record | None:
@@ -141,6 +164,10 @@ async def assert_summary_exact(
     assert json.loads(row["data"]) == fold_session_summary(None, key, expected)["data"]
 
 
+async def count(store: PostgresStore, table: str) -> int:
+    return int((await rows(store, f"SELECT count(*) AS n FROM {table}"))[0]["n"])
+
+
 # --- The SDK's contract ---------------------------------------------------
 
 
@@ -157,9 +184,8 @@ async def test_passes_sdk_conformance_suite_wrapped_in_durable_store(
     await run_session_store_conformance(make)
 
 
-async def test_is_offset_aware(store: PostgresStore) -> None:
-    assert is_offset_aware(store)
-    assert accepts_encoded(store)
+async def test_speaks_the_producer_protocol(store: PostgresStore) -> None:
+    assert is_producer_store(store)
 
 
 # --- Construction, names, schema -------------------------------------------
@@ -257,6 +283,35 @@ async def test_schema_creation_is_idempotent_and_safe_concurrently(tables: list[
         await asyncio.gather(*(s.close() for s in stores))
 
 
+async def test_ensure_schema_adds_the_marks_to_tables_of_the_offset_protocol(
+    store: PostgresStore,
+) -> None:
+    """Tables made by the previous version keep their data; its functions go, so an
+    old client fails (and retries) instead of writing without marks."""
+    await store.append(KEY, entries(2))
+    fn = f'"{store.table}'
+    old_schema = [
+        "DROP TABLE {marks}",
+        f'DROP FUNCTION {fn}__append_batch"',
+        f'CREATE FUNCTION {fn}__same"(json, text) RETURNS boolean AS $$SELECT true$$',
+        f'CREATE FUNCTION {fn}__lock"(text, text) RETURNS void AS $$SELECT$$',
+        f'CREATE FUNCTION {fn}__append"(text, text, text, bigint, text[], bigint, bigint, text) '
+        "RETURNS void AS $$SELECT$$",
+    ]
+    for statement in old_schema:
+        await rows(store, statement.replace("AS $$", "LANGUAGE sql AS $$"))
+    await store.ensure_schema()
+    receipt = await store.append_batch(KEY, batch("pa", 0, 1, tag="e"))
+    assert receipt == Receipt(appended=1, mark=0, length=3)
+    assert await store.load(KEY) == entries(2) + entries(1, tag="e")
+    left = await rows(
+        store,
+        "SELECT p.oid::regprocedure::text AS f FROM pg_proc p WHERE p.proname LIKE $1 ORDER BY 1",
+        f"{store.table}%",
+    )
+    assert [r["f"].split("(")[0].split("__")[1] for r in left] == ["append_batch", "delete", "lock"]
+
+
 async def test_main_transcript_subpath_is_stored_as_empty_string(store: PostgresStore) -> None:
     await store.append(KEY, entries(2))
     await store.append(SUB, entries(1))
@@ -280,186 +335,196 @@ async def test_one_row_per_entry_with_unique_offsets(store: PostgresStore) -> No
 
 
 async def test_entries_round_trip_byte_for_byte(store: PostgresStore) -> None:
+    # contract 11: what Python's json round-trips, lone surrogates included.
     odd = [
         {"z": 1, "type": "user", "a": [1, 2.5, None, True], "text": "héllo ✓ 😀 \u0000 nul"},
         {"type": "x", "big": 2**62, "nested": {"b": {"c": "'; DROP TABLE x; --"}}},
+        {"type": "x", "cut": "half a pair \ud83d"},
     ]
-    await store.append(KEY, odd)
+    await store.append(KEY, odd[:1])
+    await store.append_batch(KEY, Batch.of("pa", 0, odd[1:]))
     assert await store.load(KEY) == odd
     stored = await rows(store, "SELECT entry::text AS e FROM {t} ORDER BY entry_offset")
-    assert [r["e"] for r in stored] == [
-        json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in odd
-    ]
+    assert [r["e"].encode() for r in stored] == [encode_entry(e) for e in odd]
+
+
+async def test_append_batch_stores_the_queue_bytes_as_given(store: PostgresStore) -> None:
+    encoded = [b'{"a":1,"type":"x","\xc3\xa9":"\xc3\xbc"}', b'{"type":"y"}']
+    receipt = await store.append_batch(KEY, Batch("pa", 0, encoded))
+    assert receipt == Receipt(appended=2, mark=1, length=2)
+    stored = await rows(store, "SELECT entry::text AS e FROM {t} ORDER BY entry_offset")
+    assert [r["e"].encode() for r in stored] == encoded
+    assert await store.load(KEY) == [{"a": 1, "type": "x", "é": "ü"}, {"type": "y"}]
+    await assert_summary_exact(store, KEY, [json.loads(b) for b in encoded])
 
 
 @pytest.mark.parametrize(
     "bad",
-    [["not a dict"], [{"type": "x", "v": float("nan")}], [{"type": "x", "s": "\ud800"}]],
-    ids=["not-a-dict", "nan", "lone-surrogate"],
+    [["not a dict"], [{"type": "x", "v": float("nan")}], [{"type": "x", "v": {1j}}]],
+    ids=["not-a-dict", "nan", "not-json"],
 )
 async def test_bad_entries_raise_and_store_nothing(store: PostgresStore, bad: list[Any]) -> None:
     await store.append(KEY, entries(1))
-    with pytest.raises(InvalidEntryError) as info:
-        await store.append_at(KEY, 1, [*entries(1, start=1), *bad])
-    assert "\ud800" not in str(info.value)
+    with pytest.raises(InvalidEntryError):
+        await store.append(KEY, [*entries(1, start=1), *bad])
     assert await store.load(KEY) == entries(1)
+
+
+async def test_encoded_entries_the_server_refuses_raise_and_store_nothing(
+    store: PostgresStore,
+) -> None:
+    for bad in (b'{"type":"\xff"}', b'{"type": nope}'):
+        with pytest.raises(InvalidEntryError) as info:
+            await store.append_batch(KEY, Batch("pa", 0, [b'{"type":"ok"}', bad]))
+        assert "nope" not in str(info.value)
+    assert await store.load(KEY) is None
+    assert await store.producer_mark(KEY, "pa") is None
 
 
 async def test_tables_edited_by_hand_give_a_permanent_error_without_data(
     store: PostgresStore,
 ) -> None:
-    await store.append(KEY, entries(2))
+    await store.append_batch(KEY, batch("pa", 0, 2))
     await rows(store, "INSERT INTO {t} VALUES ('proj', 'sess', '', 2, '{\"secret\": 1}')")
     with pytest.raises(PermanentBackendError) as info:
-        await store.append_at(KEY, 2, entries(1, start=2))
+        await store.append_batch(KEY, batch("pa", 2, 1, expect=1))
     assert "23505" in str(info.value) and "secret" not in str(info.value)
     assert await store.length(KEY) == 2
+    assert await store.producer_mark(KEY, "pa") == 1
 
 
 async def test_key_too_long_for_an_index_row_is_refused(store: PostgresStore) -> None:
     key: SessionKey = {"project_key": "é" * 512, "session_id": "s" * 512, "subpath": "x" * 512}
     with pytest.raises(InvalidKeyError):
         await store.append(key, entries(1))
+    with pytest.raises(InvalidKeyError):
+        await store.append_batch(key, batch("pa", 0, 1))
 
 
-# --- Offsets ------------------------------------------------------------
+# --- The atomic step: __append_batch and __marks ---------------------------
 
 
-async def test_append_at_returns_new_length(store: PostgresStore) -> None:
-    assert await store.append_at(KEY, 0, entries(2)) == 2
-    assert await store.append_at(KEY, 2, entries(3, start=2)) == 5
-    assert await store.length(KEY) == 5
-    assert await store.append_at(KEY, 5, []) == 5
-    assert await store.load(KEY) == entries(5)
+async def test_marks_are_rows_per_transcript_and_producer(store: PostgresStore) -> None:
+    await store.append_batch(KEY, batch("pa", 0, 3))
+    await store.append_batch(KEY, batch("pb", 10, 2))
+    await store.append_batch(SUB, batch("pa", 0, 1))
+    await store.append(KEY, entries(1, tag="plain"))  # no producer: no mark
+    found = await rows(
+        store, "SELECT subpath, producer, mark FROM {marks} ORDER BY subpath, producer"
+    )
+    assert [tuple(r) for r in found] == [
+        ("", "pa", 2),
+        ("", "pb", 11),
+        ("subagents/agent-1", "pa", 0),
+    ]
+    assert await store.producer_mark(SUB, "pa") == 0
+    assert await store.producer_mark(SUB, "pb") is None
 
 
-async def test_append_at_repeat_is_a_noop(store: PostgresStore) -> None:
-    await store.append_at(KEY, 0, entries(3))
-    snapshot = "SELECT entry_offset, xmin::text AS x, entry::text AS e FROM {t} ORDER BY 1"
+async def test_a_repeated_batch_rewrites_nothing(store: PostgresStore) -> None:
+    # contract 2: a retry after a lost reply is a no-op, not even a rewrite.
+    await store.append_batch(KEY, batch("pa", 0, 3))
+    snapshot = (
+        "SELECT 'e' AS t, entry_offset AS n, xmin::text AS x FROM {t} UNION ALL "
+        "SELECT 'k', entry_count, xmin::text FROM {keys} UNION ALL "
+        "SELECT 'm', mark, xmin::text FROM {marks} UNION ALL "
+        "SELECT 's', folded, xmin::text FROM {summaries} ORDER BY 1, 2"
+    )
     before = await rows(store, snapshot)
     mtime = (await store.list_sessions("proj"))[0]["mtime"]
-    await asyncio.sleep(0.005)
-    assert await store.append_at(KEY, 0, entries(3)) == 3
-    assert await store.append_at(KEY, 1, entries(2, start=1)) == 3
-    assert await PostgresStore(store.pool, table=store.table).append_at(KEY, 0, entries(3)) == 3
-    assert await rows(store, snapshot) == before  # not even rewritten (same xmin)
+    other = PostgresStore(store.pool, table=store.table)  # another host, empty cache
+    assert await other.append_batch(KEY, batch("pa", 0, 3)) == Receipt(0, 2, 3)
+    assert await store.append_batch(KEY, batch("pa", 1, 2, expect=2)) == Receipt(0, 2, 3)
+    assert await rows(store, snapshot) == before  # same xmin: not rewritten
     assert (await store.list_sessions("proj"))[0]["mtime"] == mtime
 
 
-async def test_append_at_partial_overlap_appends_only_new_suffix(store: PostgresStore) -> None:
-    await store.append_at(KEY, 0, entries(3))
-    assert await store.append_at(KEY, 1, entries(4, start=1)) == 5
-    assert await store.load(KEY) == entries(5)
-    await assert_summary_exact(store, KEY, entries(5))
-
-
-async def test_append_at_overlap_compares_parsed_json_not_bytes(store: PostgresStore) -> None:
-    await store.append_at(KEY, 0, [{"type": "x", "a": 1, "b": [1, 2]}])
-    assert await store.append_at(KEY, 0, [{"b": [1, 2], "a": 1, "type": "x"}]) == 1
-    assert await store.load(KEY) == [{"type": "x", "a": 1, "b": [1, 2]}]
-
-
-async def test_conflicting_overlap_raises_and_changes_nothing(store: PostgresStore) -> None:
-    await store.append_at(KEY, 0, entries(3))
-    await store.append_at(SUB, 0, entries(3))
-    before = await rows(store, "SELECT * FROM {t} ORDER BY 1, 2, 3, 4")
-    summary_before = await summary_row(store, KEY)
-    for key in (KEY, SUB):
-        different = [{**entries(1, start=2)[0], "n": 99}, *entries(2, start=3)]  # offsets 2..4
-        with pytest.raises(OffsetConflictError) as info:
-            await store.append_at(key, 2, different)
-        assert (info.value.offset, info.value.length) == (2, 3)
-        assert await store.length(key) == 3
-    # A difference that jsonb cannot even parse ("\u0000") is a conflict too.
-    with pytest.raises(OffsetConflictError):
-        await store.append_at(KEY, 0, [{"type": "user", "uuid": "\u0000"}])
-    assert await rows(store, "SELECT * FROM {t} ORDER BY 1, 2, 3, 4") == before
-    assert await summary_row(store, KEY) == summary_before
-
-
-async def test_gap_raises_and_changes_nothing(store: PostgresStore) -> None:
-    await store.append_at(KEY, 0, entries(2))
-    with pytest.raises(OffsetGapError) as info:
-        await store.append_at(KEY, 3, entries(1, start=3))
-    assert (info.value.offset, info.value.length) == (3, 2)
-    assert await store.length(KEY) == 2
-    with pytest.raises(OffsetGapError):
-        await store.append_at(KEY, 3, [])
-
-
-async def test_gap_on_unknown_key_creates_nothing(store: PostgresStore) -> None:
-    with pytest.raises(OffsetGapError):
-        await store.append_at(KEY, 1, entries(1))
-    with pytest.raises(OffsetGapError):
-        await store.append_at(SUB, 4, entries(1))
-    assert await store.append_at(KEY, 0, []) == 0
+async def test_a_repeat_of_a_deleted_key_creates_no_rows(store: PostgresStore) -> None:
+    # contract 5: the tombstone fences the retry without leaving an empty transcript.
+    await store.append_batch(KEY, batch("pa", 0, 3))
+    await store.append_batch(SUB, batch("pa", 0, 1))
+    await store.delete(KEY)
+    assert await count(store, "{marks}") == 2  # the tombstone: main key and subkey
+    assert (await store.append_batch(KEY, batch("pa", 0, 3))).appended == 0
+    assert (await store.append_batch(SUB, batch("pa", 0, 1))).appended == 0
     for table in ("{t}", "{keys}", "{summaries}"):
-        assert (await rows(store, f"SELECT count(*) AS n FROM {table}"))[0]["n"] == 0
-    assert await store.list_sessions("proj") == []
+        assert await count(store, table) == 0
 
 
-async def test_append_at_rejects_bad_offsets(store: PostgresStore) -> None:
-    for offset in (-1, True, 1.0):
-        with pytest.raises(ValueError):
-            await store.append_at(KEY, offset, entries(1))  # type: ignore[arg-type]
+async def test_a_wiped_store_says_it_lost_what_it_acknowledged(store: PostgresStore) -> None:
+    # contract 2: an operator's TRUNCATE takes entries and marks together, so the
+    # producer learns of the loss (and re-sends) instead of having repeats skipped.
+    await store.append_batch(KEY, batch("pa", 0, 3))
+    await store.append_batch(SUB, batch("pa", 0, 2))
+    await rows(store, "TRUNCATE {t}, {keys}, {summaries}, {marks}")
+    for key, expect in ((KEY, 2), (SUB, 1)):
+        with pytest.raises(MarkBehindError) as caught:
+            await store.append_batch(key, batch("pa", expect + 1, 2, expect=expect))
+        assert caught.value.mark is None and caught.value.expect == expect
+    assert await count(store, "{t}") == 0
+    # The producer re-sends what its queue retains, without expect: stored again.
+    assert await store.append_batch(KEY, batch("pa", 0, 5)) == Receipt(5, 4, 5)
+    await assert_summary_exact(store, KEY, entries(5, tag="pa"))
 
 
-async def test_plain_append_continues_after_append_at(store: PostgresStore) -> None:
-    await store.append_at(KEY, 0, entries(2))
-    await store.append(KEY, entries(1, start=2))
-    assert await store.append_at(KEY, 3, entries(1, start=3)) == 4
-    assert await store.load(KEY) == entries(4)
-    await assert_summary_exact(store, KEY, entries(4))
-
-
-async def test_append_at_stores_the_queue_bytes_as_given(store: PostgresStore) -> None:
-    assert accepts_encoded(store)
-    batch = [{"type": "x", "a": 1, "é": "ü"}, {"type": "y"}]
-    encoded = [b'{"a":1,"type":"x","\xc3\xa9":"\xc3\xbc"}', b'{"type":"y"}']
-    assert await store.append_at(KEY, 0, batch, encoded=encoded) == 2
-    stored = await rows(store, "SELECT entry::text AS e FROM {t} ORDER BY entry_offset")
-    assert [r["e"].encode() for r in stored] == encoded
-    assert await store.load(KEY) == batch
-    # A repeat given as freshly serialised entries is the same entries: a no-op.
-    assert await store.append_at(KEY, 0, batch) == 2
-    await assert_summary_exact(store, KEY, batch)
-    with pytest.raises(ValueError):
-        await store.append_at(KEY, 2, entries(2), encoded=[b"{}"])
-    with pytest.raises(InvalidEntryError):
-        await store.append_at(KEY, 2, entries(1), encoded=[b'{"type":"\xff"}'])
-    assert await store.length(KEY) == 2
-
-
-@pytest.mark.parametrize("key", [KEY, SUB], ids=["main", "subpath"])
-@pytest.mark.parametrize("start", [0, 3], ids=["new-key", "existing-key"])
-async def test_concurrent_append_at_same_offset_one_wins(
-    store: PostgresStore, key: SessionKey, start: int
-) -> None:
-    """Two writers (separate stores, so separate caches) race for the same offsets."""
-    for round_ in range(6):
+async def test_a_batch_racing_its_own_retry_lands_once(store: PostgresStore) -> None:
+    # contract 2: a late write of a timed-out call arrives while the retry runs.
+    for round_, key in enumerate([KEY, SUB] * 4):
         k: SessionKey = {**key, "session_id": f"race-{round_}"}  # type: ignore[typeddict-item]
-        if start:
-            await store.append_at(k, 0, entries(start))
-        a, b = entries(4, start, tag="a"), entries(4, start, tag="b")
-        same = round_ % 2 == 1  # odd rounds: both send the same batch (a retry race)
-        batches = [a, a if same else b]
-        writers = [PostgresStore(store.pool, table=store.table) for _ in batches]
-        results = await asyncio.gather(
-            *(w.append_at(k, start, batch) for w, batch in zip(writers, batches, strict=True)),
-            return_exceptions=True,
+        await store.append_batch(k, batch("pa", 0, 2))
+        writers = [PostgresStore(store.pool, table=store.table) for _ in range(2)]
+        receipts = await asyncio.gather(
+            *(w.append_batch(k, batch("pa", 2, 4, expect=1)) for w in writers)
         )
-        stored = await store.load(k)
-        assert stored is not None
-        if same:
-            assert results == [start + 4, start + 4]
-            assert stored == entries(start) + a
-        else:
-            winners = [batch for batch, r in zip(batches, results, strict=True) if r == start + 4]
-            losers = [r for r in results if isinstance(r, OffsetConflictError)]
-            assert len(winners) == 1 and len(losers) == 1, results
-            assert stored == entries(start) + winners[0]
+        assert sorted(r.appended for r in receipts) == [0, 4]
+        assert {r.mark for r in receipts} == {5}
+        assert await store.load(k) == entries(6, tag="pa")
         if "subpath" not in k:
-            await assert_summary_exact(store, k, stored)
+            await assert_summary_exact(store, k, entries(6, tag="pa"))
+
+
+async def test_concurrent_producers_on_separate_pools_land_exactly_once(
+    store: PostgresStore,
+) -> None:
+    # contract 2: several hosts (own pools, own caches) write one key at once,
+    # each sending some batches twice as a retry after a lost reply would.
+    hosts = await asyncio.gather(
+        *(PostgresStore.connect(DSN, table=store.table, max_size=2) for _ in range(4))
+    )
+    total, step = 48, [1, 5, 7, 12]
+
+    async def produce(index: int, host: PostgresStore) -> None:
+        producer, expect = f"p{index}", None
+        for first in range(0, total, step[index]):
+            size = min(step[index], total - first)
+            receipt = await host.append_batch(KEY, batch(producer, first, size, expect))
+            if first % 2 == 0:
+                assert (await host.append_batch(KEY, batch(producer, first, size))).appended == 0
+            assert receipt.mark == first + size - 1
+            expect = receipt.mark
+
+    try:
+        await asyncio.gather(*(produce(i, h) for i, h in enumerate(hosts)))
+    finally:
+        await asyncio.gather(*(h.close() for h in hosts))
+    stored = await store.load(KEY)
+    assert stored is not None and len(stored) == 4 * total
+    for index in range(4):
+        assert [e for e in stored if e["uuid"].startswith(f"p{index}")] == entries(
+            total, tag=f"p{index}"
+        )
+        assert await store.producer_mark(KEY, f"p{index}") == total - 1
+    await assert_summary_exact(store, KEY, stored)
+
+
+async def test_append_after_delete_by_another_store_starts_over(store: PostgresStore) -> None:
+    # contract 5: the writer keeps its cached length and summary; the delete wins anyway.
+    other = PostgresStore(store.pool, table=store.table)
+    await store.append_batch(KEY, batch("pa", 0, 3))
+    await other.delete(KEY)
+    assert await store.append_batch(KEY, batch("pa", 3, 2, expect=2)) == Receipt(2, 4, 2)
+    assert await store.load(KEY) == entries(2, start=3, tag="pa")
+    await assert_summary_exact(store, KEY, entries(2, start=3, tag="pa"))
 
 
 # --- Keys: injection and isolation ----------------------------------------
@@ -525,37 +590,25 @@ async def test_invalid_keys_are_refused(store: PostgresStore, key: Any) -> None:
     with pytest.raises(InvalidKeyError):
         await store.append(key, entries(1))
     with pytest.raises(InvalidKeyError):
-        await store.append_at(key, 0, entries(1))
+        await store.append_batch(key, batch("pa", 0, 1))
 
 
 # --- Summaries ------------------------------------------------------------
 
 
 async def test_summary_mtime_matches_list_sessions_mtime(store: PostgresStore) -> None:
-    await store.append(KEY, entries(2))
-    await store.append(SUB, entries(1))  # a subagent append changes neither
+    await store.append_batch(KEY, batch("pa", 0, 2))
+    await store.append_batch(SUB, batch("pa", 0, 1))  # a subagent append changes neither
     (listed,) = await store.list_sessions("proj")
     (summary,) = await store.list_session_summaries("proj")
-    assert summary["mtime"] >= listed["mtime"] > 1e12
     assert summary["mtime"] == listed["mtime"]  # the same transaction's clock
     assert abs(summary["mtime"] - time.time() * 1000) < 60_000
 
 
-async def test_summary_folds_each_entry_exactly_once_across_repeats(store: PostgresStore) -> None:
-    await store.append_at(KEY, 0, entries(10))
-    await store.append_at(KEY, 0, entries(5))  # repeat: must not refold titles 0..4
-    await store.append_at(KEY, 5, entries(10, start=5))  # partial overlap
-    await store.append_at(KEY, 8, entries(7, start=8))
-    await store.append(KEY, entries(1, start=15))
-    await assert_summary_exact(store, KEY, entries(16))
-    (summary,) = await store.list_session_summaries("proj")
-    assert summary["data"]["custom_title"] == "e-title-15"
-
-
-async def test_fold_sees_each_new_entry_exactly_once(
+async def test_the_fold_sees_each_appended_entry_once_and_no_repeat(
     store: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Refolding a suffix leaves the same summary, so watch the fold itself."""
+    """Refolding a suffix can leave the same summary, so watch the fold itself."""
     folded: list[str] = []
 
     def spy(prev: Any, key: SessionKey, batch: list[Any]) -> Any:
@@ -563,61 +616,81 @@ async def test_fold_sees_each_new_entry_exactly_once(
         return fold_session_summary(prev, key, batch)
 
     monkeypatch.setattr(postgres_module, "fold_session_summary", spy)
-    await store.append_at(KEY, 0, entries(6))
-    await store.append_at(KEY, 0, entries(6))  # repeat
-    await store.append_at(KEY, 3, entries(6, start=3))  # partial overlap
-    await store.append_at(KEY, 2, entries(1, start=2))  # repeat inside
+    await store.append_batch(KEY, batch("pa", 0, 6, tag="e"))
+    await store.append_batch(KEY, batch("pa", 0, 6, expect=5, tag="e"))  # repeat
+    await store.append_batch(KEY, batch("pa", 3, 6, expect=5, tag="e"))  # partial repeat
+    await store.append_batch(KEY, batch("pa", 2, 1, expect=8, tag="e"))  # repeat inside
     await store.append(KEY, entries(2, start=9))
-    await store.append_at(SUB, 0, entries(3))  # never folded
+    await store.append_batch(SUB, batch("pa", 0, 3))  # never folded
     assert folded == [e["uuid"] for e in entries(11)]
     await assert_summary_exact(store, KEY, entries(11))
 
 
+async def test_a_wrong_guess_of_the_skip_is_folded_under_locks(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A producer that lost track of its mark (expect None) re-sends a tail the
+    # backend holds: the optimistic call guesses "nothing skipped", is stale,
+    # and the locked retry folds only what it appends.
+    calls: list[str] = []
+    fetchrow = PostgresStore._fetchrow
+
+    async def spy(self: PostgresStore, key: SessionKey, sql: str, *args: Any, **kw: Any) -> Any:
+        calls.append(next(f for f in ("append_batch", "lock", "") if f'__{f}"' in sql or not f))
+        return await fetchrow(self, key, sql, *args, **kw)
+
+    await store.append_batch(KEY, batch("pa", 0, 4, tag="e"))
+    monkeypatch.setattr(PostgresStore, "_fetchrow", spy)
+    host = PostgresStore(store.pool, table=store.table)  # the producer's new process
+    receipt = await host.append_batch(KEY, batch("pa", 2, 4, tag="e"))
+    assert receipt == Receipt(appended=2, mark=5, length=6)
+    assert calls == ["append_batch", "lock", "append_batch"]
+    await assert_summary_exact(store, KEY, entries(6))
+    calls.clear()
+    await host.append_batch(KEY, batch("pa", 6, 2, expect=5, tag="e"))
+    assert calls == ["append_batch"]  # the steady state: one round trip
+
+
 async def test_summary_exactly_once_with_concurrent_writers(store: PostgresStore) -> None:
-    """Many writers (each with its own cache) append and re-append at once."""
-    total = 60
-    batch = entries(total)
+    """Many writers (each with its own cache) append, repeat and plain-append at once."""
     writers = [PostgresStore(store.pool, table=store.table) for _ in range(5)]
 
-    async def deliver(writer: PostgresStore, step: int) -> None:
-        offset = 0
-        while offset < total:
-            try:
-                await writer.append_at(KEY, offset, batch[offset : offset + step])
-            except OffsetConflictError:  # pragma: no cover - would be a bug
-                raise
-            offset += step
+    async def write(index: int, writer: PostgresStore, step: int) -> None:
+        expect = None
+        for first in range(0, 30, step):
+            size = min(step, 30 - first)
+            await writer.append_batch(KEY, batch(f"p{index}", first, size, expect))
+            await writer.append_batch(KEY, batch(f"p{index}", first, size))  # the retry
+            expect = first + size - 1
+        await writer.append(KEY, entries(2, tag=f"plain{index}-"))
 
     await asyncio.gather(
-        *(deliver(w, step) for w, step in zip(writers, [3, 5, 7, 11, 60], strict=True))
-    )
-    assert await store.load(KEY) == batch
-    await assert_summary_exact(store, KEY, batch)
-
-    # Plain appends from several writers: order is by commit, each folded once.
-    await asyncio.gather(
-        *(w.append(KEY, entries(2, start=100 + 2 * i)) for i, w in enumerate(writers))
+        *(
+            write(i, w, step)
+            for i, (w, step) in enumerate(zip(writers, [3, 5, 7, 11, 30], strict=True))
+        )
     )
     stored = await store.load(KEY)
-    assert stored is not None and len(stored) == total + 10
+    assert stored is not None and len(stored) == 5 * 32
     await assert_summary_exact(store, KEY, stored)
 
 
 async def test_summary_catches_up_when_it_fell_behind(store: PostgresStore) -> None:
-    await store.append(KEY, entries(4))
+    await store.append_batch(KEY, batch("pa", 0, 4, tag="e"))
     await rows(
         store,
         "UPDATE {summaries} SET folded = 1, data = $1::json",
         json.dumps(fold_session_summary(None, KEY, entries(1))["data"]),
     )
     fresh = PostgresStore(store.pool, table=store.table)
-    assert await fresh.append_at(KEY, 2, entries(4, start=2)) == 6
+    assert (await fresh.append_batch(KEY, batch("pa", 2, 4, expect=3, tag="e"))).length == 6
     await assert_summary_exact(store, KEY, entries(6))
 
 
 async def test_subagent_entries_never_touch_the_summary(store: PostgresStore) -> None:
     await store.append(KEY, entries(1))
     before = await summary_row(store, KEY)
+    await store.append_batch(SUB, batch("pa", 0, 3))
     await store.append(SUB, entries(3, tag="sub"))
     assert await summary_row(store, KEY) == before
 
@@ -651,16 +724,6 @@ async def test_delete_subpath_keeps_main_and_summary(store: PostgresStore) -> No
     assert await summary_row(store, KEY) == before
 
 
-async def test_append_after_delete_by_another_store_starts_over(store: PostgresStore) -> None:
-    other = PostgresStore(store.pool, table=store.table)
-    await store.append_at(KEY, 0, entries(3))  # store caches length 3 and its summary
-    await other.delete(KEY)
-    with pytest.raises(OffsetGapError):
-        await store.append_at(KEY, 3, entries(1, start=3))
-    assert await store.append_at(KEY, 0, entries(2, tag="new")) == 2
-    await assert_summary_exact(store, KEY, entries(2, tag="new"))
-
-
 async def test_delete_and_concurrent_appends_of_a_session_serialise(
     store: PostgresStore,
 ) -> None:
@@ -672,11 +735,11 @@ async def test_delete_and_concurrent_appends_of_a_session_serialise(
 
     for i in range(12):
         sub: SessionKey = {**KEY, "subpath": f"agents/a{i}"}
-        await store.append(sub, entries(1))  # an existing subkey, and one created below
+        await store.append_batch(sub, batch("pa", 0, 1))  # an existing subkey
         await asyncio.gather(
-            store.append(sub, entries(300, start=1)),
-            store.append({**KEY, "subpath": f"agents/new{i}"}, entries(301)),
-            store.append(KEY, entries(301, tag=f"m{i}")),
+            store.append_batch(sub, batch("pa", 1, 300, expect=0)),
+            store.append_batch({**KEY, "subpath": f"agents/new{i}"}, batch("pa", 0, 301)),
+            store.append_batch(KEY, batch(f"m{i}", 0, 301)),
             delete_soon(0.001 * (i % 6)),
         )
         counted = await rows(store, "SELECT subpath, count(*) AS n FROM {t} GROUP BY subpath")
@@ -693,99 +756,55 @@ async def test_delete_and_concurrent_appends_of_a_session_serialise(
         await store.delete(KEY)
 
 
-# --- Real faults, through DurableSessionStore -----------------------------
+# --- Real faults ------------------------------------------------------------
 
 
-class Feeder:
-    """Appends numbered batches to a few keys through a DurableSessionStore."""
-
-    def __init__(self, store: DurableSessionStore) -> None:
-        self.store = store
-        self.keys: list[SessionKey] = [
-            {"project_key": "fault", "session_id": "main"},
-            {"project_key": "fault", "session_id": "main", "subpath": "subagents/a"},
-            {"project_key": "fault", "session_id": "other"},
-        ]
-        self.expected: dict[int, list[SessionStoreEntry]] = {i: [] for i in range(len(self.keys))}
-
-    async def feed(self, batches: int, size: int = 7, pause: float = 0.0) -> None:
-        for _ in range(batches):
-            for i, key in enumerate(self.keys):
-                batch = entries(size, start=len(self.expected[i]), tag=f"k{i}-")
-                await self.store.append(key, batch)
-                self.expected[i].extend(batch)
-            if pause:
-                await asyncio.sleep(pause)
-
-    async def feed_until(self, stop: asyncio.Event, size: int, pause: float) -> None:
-        while not stop.is_set():
-            await self.feed(1, size=size, pause=pause)
-
-    async def verify(self, direct: PostgresStore) -> None:
-        for i, key in enumerate(self.keys):
-            assert await direct.load(key) == self.expected[i], key
-            if "subpath" not in key:
-                await assert_summary_exact(direct, key, self.expected[i])
+FAULTS = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # shutting down, starting up
+)
+"""What a client sees of a network fault or a server crash."""
 
 
-async def stored_count(store: PostgresStore) -> int:
-    return int((await rows(store, "SELECT count(*) AS n FROM {t}"))[0]["n"])
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return False
+async def deliver(store: PostgresStore, key: SessionKey, sent: Batch, tries: int = 50) -> Receipt:
+    """Send ``sent`` until a call succeeds, as the flusher does: every retry is
+    the same batch, so whichever earlier call landed, it lands once."""
+    for _ in range(tries - 1):
+        try:
+            return await store.append_batch(key, sent)
+        except FAULTS:
+            await asyncio.sleep(0.05)
+    return await store.append_batch(key, sent)
 
 
 @pytest.mark.parametrize("mode", ["reset", "blackhole", "delay", "drop_replies"])
-async def test_exactly_once_after_proxy_fault(
-    mode: str,
-    store: PostgresStore,
-    make_durable: Callable[..., DurableSessionStore],
+async def test_a_retry_after_a_network_fault_lands_exactly_once(
+    mode: str, store: PostgresStore
 ) -> None:
+    # contract 2: whether the failed call's write landed (delay, drop_replies: the
+    # reply was lost) or not (reset, blackhole), the retry leaves it stored once.
     proxy = await FaultProxy.start("127.0.0.1", 5432)
     backend = await PostgresStore.connect(
-        proxy.url_for(DSN),
-        table=store.table,
-        command_timeout=0.3,
-        connect_timeout=0.5,
-        max_size=4,
+        proxy.url_for(DSN), table=store.table, command_timeout=0.3, connect_timeout=0.5
     )
     try:
-        durable = make_durable(backend, call_timeout=1.0, max_batch_entries=20)
-        feeder = Feeder(durable)
-        await feeder.feed(3)
-        await durable.flush(timeout=10)
-        landed = await stored_count(store)
-
-        async def failing() -> bool:
-            return (await durable.status())["backends"][0]["retries"] > 0
-
+        await backend.append_batch(KEY, batch("pa", 0, 3, tag="e"))
         if mode == "delay":
             proxy.set_mode("delay", seconds=1.0)
         else:
             proxy.set_mode(mode)  # type: ignore[arg-type]
-        await feeder.feed(4, pause=0.05)
-        assert await wait_for(failing, 5.0)
-        if mode in ("delay", "drop_replies"):
-            # The writes reach the server while the client sees only failures.
-            async def write_landed() -> bool:
-                return await stored_count(store) > landed
-
-            assert await wait_for(write_landed, 5.0)
-        await asyncio.sleep(0.3)
-        status = (await durable.status())["backends"][0]
-        assert status["pending_entries"] > 0 and not status["parked"]
+        with pytest.raises(FAULTS):
+            await backend.append_batch(KEY, batch("pa", 3, 4, expect=2, tag="e"))
+        landed = await store.length(KEY) == 7
+        assert landed == (mode in ("delay", "drop_replies"))
         proxy.set_mode("pass")
-        await feeder.feed(2)
-        await durable.flush(timeout=20)
-        await feeder.verify(store)
-        assert (await durable.status())["backends"][0]["parked"] == []
-        await durable.close(timeout=2)
+        receipt = await deliver(backend, KEY, batch("pa", 3, 4, expect=2, tag="e"))
+        assert receipt == Receipt(appended=0 if landed else 4, mark=6, length=7)
+        assert await store.load(KEY) == entries(7)
+        await assert_summary_exact(store, KEY, entries(7))
     finally:
         await backend.close()
         await proxy.close()
@@ -871,38 +890,55 @@ def private_cluster() -> Iterator[PrivateCluster]:
         cluster.remove()
 
 
-async def test_exactly_once_across_server_restart_mid_drain(
-    private_cluster: PrivateCluster, make_durable: Callable[..., DurableSessionStore]
+async def test_marks_survive_a_server_crash_so_every_batch_lands_once(
+    private_cluster: PrivateCluster,
 ) -> None:
+    # contract 2: a writer keeps sending (retrying each batch until it succeeds)
+    # while the server crashes and comes back; a commit whose reply died with
+    # the server is a repeat on the retry, nothing is doubled or missing.
     cluster = private_cluster
     await cluster.ctl("start")
     backend = await PostgresStore.connect(
         cluster.dsn, table="restarted", command_timeout=1.0, connect_timeout=1.0
     )
+    keys: list[SessionKey] = [KEY, SUB, {"project_key": "proj", "session_id": "other"}]
+    sent: dict[int, int] = {i: 0 for i in range(len(keys))}
+    stop = asyncio.Event()
+
+    async def write(index: int) -> None:
+        expect = None
+        while not stop.is_set():
+            first = sent[index]
+            receipt = await deliver(backend, keys[index], batch("pa", first, 5, expect, "e"))
+            assert receipt.mark == first + 4
+            sent[index], expect = first + 5, first + 4
+
+    writers = [asyncio.create_task(write(i)) for i in range(len(keys))]
+
+    async def written(least: dict[int, int]) -> None:
+        while any(sent[i] < least[i] for i in sent):
+            for done in (w for w in writers if w.done()):
+                done.result()  # a writer that failed fails the test
+            await asyncio.sleep(0.01)
+
     direct: PostgresStore | None = None
     try:
-        durable = make_durable(backend, call_timeout=2.0, max_batch_entries=25)
-        feeder = Feeder(durable)
-        stop = asyncio.Event()
-        feeding = asyncio.create_task(feeder.feed_until(stop, size=5, pause=0.01))
-
-        async def draining() -> bool:
-            return (await durable.status())["backends"][0]["delivered"] > 100
-
-        assert await wait_for(draining, 10)
+        await written({i: 50 for i in sent})
         await cluster.ctl("stop", "-m", "immediate")  # a crash: no shutdown checkpoint
-        await asyncio.sleep(0.3)  # entries keep coming while the server is gone
+        await asyncio.sleep(0.3)  # the writers keep trying while the server is gone
         await cluster.ctl("start")
-        await asyncio.sleep(0.3)  # and after it is back
+        await written({i: n + 50 for i, n in sent.items()})
         stop.set()
-        await feeding
-        await durable.flush(timeout=20)
-        status = (await durable.status())["backends"][0]
-        assert status["retries"] > 0 and not status["parked"]
-        await durable.close(timeout=2)
+        await asyncio.gather(*writers)
         direct = await PostgresStore.connect(cluster.dsn, table="restarted", create_schema=False)
-        await feeder.verify(direct)
+        for index, key in enumerate(keys):
+            assert await direct.load(key) == entries(sent[index]), key
+            assert await direct.producer_mark(key, "pa") == sent[index] - 1
+        await assert_summary_exact(direct, KEY, entries(sent[0]))
     finally:
+        stop.set()
+        for writer in writers:
+            writer.cancel()
         if direct is not None:
             await direct.close()
         with contextlib.suppress(Exception):

@@ -404,3 +404,57 @@ async def test_queue_file_is_in_wal_mode(tmp_path: Path, make_durable: MakeDurab
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         conn.close()
+
+
+# -- schema 1 files (before the producer protocol) ----------------------------------------
+
+
+def _write_schema_1_queue(path: Path, acked: int, appended: int) -> None:
+    """A queue file as walmirror 0.1 left it: one key, ``appended`` entries, a cursor
+    that acknowledged ``acked`` of them at offset base 0."""
+    from walmirror.queue import MIGRATIONS
+
+    conn = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO keys VALUES (1, 'proj', 'legacy', '', ?, ?)", (appended, time.time()))
+    for seq in range(appended):
+        body = json.dumps({"type": "user", "n": seq}).encode()
+        conn.execute(
+            "INSERT INTO entries (key_id, seq, appended_at, nbytes, body) VALUES (1, ?, ?, ?, ?)",
+            (seq, time.time(), len(body), body),
+        )
+    conn.execute("INSERT INTO cursors VALUES ('mem', 1, 0, ?)", (acked,))
+    conn.commit()
+    conn.close()
+
+
+async def test_a_schema_1_queue_is_migrated_and_its_in_doubt_entries_are_not_resent(
+    tmp_path: Path, make_durable: MakeDurable
+) -> None:
+    # contract 2 across an upgrade: 2 entries acknowledged, 2 more stored by the old
+    # protocol whose replies were lost, 1 never sent. Entries carry no uuid.
+    from memory_store import MemoryStore
+
+    from walmirror.queue import SCHEMA_VERSION
+
+    key = {"project_key": "proj", "session_id": "legacy"}
+    backend = MemoryStore()
+    await backend.append(key, [{"type": "user", "n": n} for n in range(4)])  # type: ignore[arg-type]
+    queue = tmp_path / "old.db"
+    _write_schema_1_queue(queue, acked=2, appended=5)
+    store = make_durable(backend, queue, backend_names=("mem",))
+    await store.flush(timeout=10)
+    assert await backend.load(key) == [{"type": "user", "n": n} for n in range(5)]  # type: ignore[arg-type]
+    status = await store.status()
+    assert status["queue"]["producer_id"]
+    await store.append(key, [{"type": "user", "n": 5}])  # type: ignore[arg-type]
+    await store.flush(timeout=10)
+    assert len(await backend.load(key) or []) == 6  # type: ignore[arg-type]
+    conn = sqlite3.connect(queue)
+    try:
+        version = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    finally:
+        conn.close()
+    assert int(version[0]) == SCHEMA_VERSION

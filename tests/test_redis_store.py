@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,19 +26,19 @@ import redis.asyncio as aioredis
 from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.testing.session_store_conformance import run_session_store_conformance
 from claude_agent_sdk.types import SessionKey
+from redis.exceptions import RedisError
 
 from walmirror import DurableSessionStore
-from walmirror.backend import is_offset_aware
 from walmirror.backends import redis as redis_module
 from walmirror.backends.redis import CorruptTranscriptError, RedisStore, WrongTypeError
 from walmirror.errors import (
     InvalidEntryError,
     InvalidKeyError,
-    OffsetConflictError,
-    OffsetGapError,
+    MarkBehindError,
     PermanentBackendError,
 )
 from walmirror.faultproxy import FaultProxy
+from walmirror.protocol import MAX_SEQ, Batch, Receipt, is_producer_store
 
 # The server under test; the same tests run against another deployment by env var.
 _SERVER = urlsplit(os.environ.get("WALMIRROR_REDIS_URL", "redis://127.0.0.1:6379/0"))
@@ -53,6 +54,11 @@ MakeStore = Callable[..., RedisStore]
 
 def entries(count: int, start: int = 0) -> list[Any]:
     return [{"type": "user", "uuid": f"u{i}", "n": i} for i in range(start, start + count)]
+
+
+def batch(first: int, items: list[Any], expect: int | None = None, producer: str = "pa") -> Batch:
+    """``items`` as one producer's batch with seqs ``first`` ..."""
+    return Batch.of(producer, first, items, expect)
 
 
 def skey(key: SessionKey) -> str:
@@ -184,8 +190,8 @@ async def test_passes_sdk_conformance_suite_inside_durable_store(
     await run_session_store_conformance(lambda: make_durable(make_store(sub=str(next(stores)))))
 
 
-def test_is_offset_aware(store: RedisStore) -> None:
-    assert is_offset_aware(store)
+def test_is_a_producer_store(store: RedisStore) -> None:
+    assert is_producer_store(store)
 
 
 # --- Layout, URL, names ----------------------------------------------------
@@ -194,12 +200,14 @@ def test_is_offset_aware(store: RedisStore) -> None:
 async def test_layout_is_the_documented_key_scheme(
     store: RedisStore, raw: aioredis.Redis, prefix: str
 ) -> None:
-    await store.append(KEY, [{"type": "user", "text": "héllo"}])
-    await store.append(SUB, entries(1))
+    await store.append_batch(KEY, batch(7, [{"type": "user", "text": "héllo"}]))
+    await store.append_batch(SUB, batch(0, entries(1), producer="pb"))
     assert await names_under(raw, prefix) == sorted(
         [
             f"{prefix}:t:{{proj}}:sess",
             f"{prefix}:u:{{proj}}:sess:subagents%2Fagent-1",
+            f"{prefix}:p:{{proj}}:sess",
+            f"{prefix}:q:{{proj}}:sess:subagents%2Fagent-1",
             f"{prefix}:k:{{proj}}:sess",
             f"{prefix}:m:{{proj}}:sess",
             f"{prefix}:i:{{proj}}",
@@ -210,6 +218,9 @@ async def test_layout_is_the_documented_key_scheme(
         '{"type":"user","text":"héllo"}'.encode()
     ]
     assert await raw.smembers(f"{prefix}:k:{{proj}}:sess") == {b"subagents%2Fagent-1"}
+    # Marks are decimal text, per key and producer.
+    assert await raw.hgetall(f"{prefix}:p:{{proj}}:sess") == {b"pa": b"7"}
+    assert await raw.hgetall(f"{prefix}:q:{{proj}}:sess:subagents%2Fagent-1") == {b"pb": b"0"}
     summary = await raw.hgetall(f"{prefix}:m:{{proj}}:sess")
     assert set(summary) == {b"data", b"mtime", b"folded", b"v"}
     assert summary[b"folded"] == b"1"
@@ -229,7 +240,7 @@ def test_from_url_reads_prefix_and_ttl_from_query(make_store: MakeStore) -> None
     store = make_store(f"{URL}?prefix=team-b&ttl=60&socket_timeout=2", prefix=None)
     assert (store.prefix, store.ttl) == ("team-b", 60.0)
     assert store.client.connection_pool.connection_kwargs["socket_timeout"] == 2.0
-    # redis-py's own retries are off: walmirror retries with offsets.
+    # redis-py's own retries are off: walmirror retries with marks.
     assert store.client.get_retry().get_retries() == 0  # type: ignore[union-attr]
 
 
@@ -269,108 +280,95 @@ async def test_store_given_a_client_does_not_close_it(raw: aioredis.Redis, prefi
     assert await raw.ping()
 
 
-# --- Offsets -----------------------------------------------------------------
+# --- The atomic step: marks ----------------------------------------------------
 
 
-async def test_append_at_returns_new_length(store: RedisStore) -> None:
-    assert await store.append_at(KEY, 0, entries(2)) == 2
-    assert await store.append_at(KEY, 2, entries(3, start=2)) == 5
-    assert await store.length(KEY) == 5
-    assert await store.load(KEY) == entries(5)
-
-
-async def test_append_at_repeat_is_a_noop(
+async def test_a_batch_is_stored_as_its_encoded_bytes(
     store: RedisStore, raw: aioredis.Redis, prefix: str
 ) -> None:
-    await store.append_at(KEY, 0, entries(3))
-    name = f"{prefix}:t:{{proj}}:sess"
-    before = await raw.lrange(name, 0, -1)
+    encoded = [b'{"type":"user","uuid":"u0","n":0}', b'{"n":1,"type":"user","uuid":"u1"}']
+    receipt = await store.append_batch(KEY, Batch("pa", 0, encoded))
+    assert receipt == Receipt(appended=2, mark=1, length=2)
+    assert await raw.lrange(f"{prefix}:t:{{proj}}:sess", 0, -1) == encoded
+    assert await store.load(KEY) == entries(2)
+
+
+async def test_a_repeated_batch_changes_nothing_not_even_the_mtime(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    # contract 2: a retry after a lost reply is a no-op.
+    await store.append_batch(KEY, batch(0, entries(3)))
+    before = {name: await raw.dump(name) for name in await names_under(raw, prefix)}
     [listed] = await store.list_sessions("proj")
-    assert await store.append_at(KEY, 0, entries(3)) == 3
-    assert await store.append_at(KEY, 1, entries(2, start=1)) == 3
-    assert await store.append_at(KEY, 3, []) == 3
-    assert await raw.lrange(name, 0, -1) == before
+    assert await store.append_batch(KEY, batch(0, entries(3))) == Receipt(0, 2, 3)
+    assert await store.append_batch(KEY, batch(1, entries(2, start=1))) == Receipt(0, 2, 3)
+    assert {name: await raw.dump(name) for name in await names_under(raw, prefix)} == before
     assert await store.list_sessions("proj") == [listed]  # a repeat is not a modification
 
 
-async def test_append_at_partial_overlap_appends_only_new_suffix(store: RedisStore) -> None:
-    await store.append_at(KEY, 0, entries(3))
-    assert await store.append_at(KEY, 1, entries(4, start=1)) == 5
-    assert await store.load(KEY) == entries(5)
-
-
-async def test_append_at_overlap_compares_parsed_json_not_bytes(store: RedisStore) -> None:
-    await store.append_at(KEY, 0, [{"type": "x", "a": 1, "b": [1, 2]}])
-    reordered = [{"b": [1, 2], "a": 1, "type": "x"}, {"type": "y"}]
-    assert await store.append_at(KEY, 0, reordered) == 2
-    assert await store.load(KEY) == [{"type": "x", "a": 1, "b": [1, 2]}, {"type": "y"}]
-
-
-async def test_append_at_conflicting_overlap_raises_and_changes_nothing(
+async def test_mark_behind_writes_nothing(
     store: RedisStore, raw: aioredis.Redis, prefix: str
 ) -> None:
-    await store.append_at(KEY, 0, entries(3))
+    await store.append_batch(KEY, batch(0, entries(3)))
     before = {name: await raw.dump(name) for name in await names_under(raw, prefix)}
-    different = [{**entries(1, start=2)[0], "n": 99}, {"type": "user", "uuid": "other"}]
-    with pytest.raises(OffsetConflictError) as info:
-        await store.append_at(KEY, 2, different)  # offsets 2 and 3; 2 differs
-    assert (info.value.offset, info.value.length) == (2, 3)
-    assert isinstance(info.value, PermanentBackendError)
+    with pytest.raises(MarkBehindError) as info:
+        await store.append_batch(KEY, batch(5, entries(2, start=5), expect=4))
+    assert (info.value.mark, info.value.expect) == (2, 4)
+    assert not isinstance(info.value, PermanentBackendError)  # the flusher repairs it
     assert {name: await raw.dump(name) for name in await names_under(raw, prefix)} == before
 
 
-async def test_append_at_gap_raises(store: RedisStore) -> None:
-    await store.append_at(KEY, 0, entries(2))
-    with pytest.raises(OffsetGapError) as info:
-        await store.append_at(KEY, 3, entries(1, start=3))
-    assert (info.value.offset, info.value.length) == (3, 2)
-    assert await store.length(KEY) == 2
-
-
-async def test_append_at_gap_on_unknown_key_creates_nothing(
+async def test_mark_behind_on_an_unknown_key_creates_nothing(
     store: RedisStore, raw: aioredis.Redis, prefix: str
 ) -> None:
     for key in (KEY, SUB):
-        with pytest.raises(OffsetGapError):
-            await store.append_at(key, 1, entries(1))
+        with pytest.raises(MarkBehindError):
+            await store.append_batch(key, batch(1, entries(1), expect=0))
     assert await names_under(raw, prefix) == []
 
 
-async def test_append_at_rejects_bad_offsets(store: RedisStore) -> None:
-    for offset in (-1, True, 1.0):
-        with pytest.raises(ValueError):
-            await store.append_at(KEY, offset, entries(1))  # type: ignore[arg-type]
-
-
-async def test_plain_append_continues_after_append_at(store: RedisStore) -> None:
-    await store.append_at(KEY, 0, entries(2))
-    await store.append(KEY, entries(1, start=2))
-    assert await store.append_at(KEY, 3, entries(1, start=3)) == 4
+@pytest.mark.parametrize("base", [2**53 - 2, 2**62, MAX_SEQ - 3], ids=["2^53", "2^62", "max"])
+async def test_seqs_compare_exactly_up_to_2_63(
+    store: RedisStore, raw: aioredis.Redis, prefix: str, base: int
+) -> None:
+    # Lua numbers are doubles: 2**62 + 1 and 2**62 + 2 are the same double.
+    await store.append_batch(KEY, batch(base, entries(2)))
+    assert await raw.hget(f"{prefix}:p:{{proj}}:sess", "pa") == str(base + 1).encode()
+    assert (await store.append_batch(KEY, batch(base + 1, entries(1, start=1)))).appended == 0
+    with pytest.raises(MarkBehindError):
+        await store.append_batch(KEY, batch(base + 3, entries(1, start=3), expect=base + 2))
+    receipt = await store.append_batch(KEY, batch(base + 1, entries(3, start=1), expect=base + 1))
+    assert receipt == Receipt(appended=2, mark=base + 3, length=4)
+    assert await store.producer_mark(KEY, "pa") == base + 3
     assert await store.load(KEY) == entries(4)
 
 
-async def test_overlap_with_another_writers_entries_raises_conflict(
-    make_store: MakeStore,
-) -> None:
-    mine, theirs = make_store(), make_store()
-    await mine.append_at(KEY, 0, entries(2))
-    await theirs.append_at(KEY, 2, entries(1, start=100))
-    with pytest.raises(OffsetConflictError):
-        await mine.append_at(KEY, 2, entries(1, start=2))
+async def test_a_batch_ending_at_the_last_seq_is_accepted_once(store: RedisStore) -> None:
+    assert await store.append_batch(KEY, batch(MAX_SEQ - 1, entries(2))) == Receipt(2, MAX_SEQ, 2)
+    assert await store.append_batch(KEY, batch(MAX_SEQ, entries(1, start=1))) == Receipt(
+        0, MAX_SEQ, 2
+    )
 
 
-async def test_encoded_entries_are_stored_as_given(
+async def test_plain_append_continues_after_a_batch(store: RedisStore) -> None:
+    await store.append_batch(KEY, batch(0, entries(2)))
+    await store.append(KEY, entries(1, start=2))
+    assert (await store.append_batch(KEY, batch(2, entries(1, start=3), expect=1))).length == 4
+    assert await store.load(KEY) == entries(4)
+
+
+async def test_producer_mark_refuses_a_bad_producer_id(store: RedisStore) -> None:
+    for producer in ("", "bad id", "x" * 65, "a:b"):
+        with pytest.raises(ValueError):
+            await store.producer_mark(KEY, producer)
+
+
+async def test_an_encoded_entry_that_is_not_json_is_refused_on_a_main_key(
     store: RedisStore, raw: aioredis.Redis, prefix: str
 ) -> None:
-    batch = entries(2)
-    encoded = [b'{"type":"user","uuid":"u0","n":0}', b'{"type":"user","uuid":"u1","n":1}']
-    assert await store.append_at(KEY, 0, batch, encoded=encoded) == 2
-    assert await raw.lrange(f"{prefix}:t:{{proj}}:sess", 0, -1) == encoded
-    assert await store.load(KEY) == batch
-    # A repeat given as dicts is still a repeat.
-    assert await store.append_at(KEY, 0, batch) == 2
-    with pytest.raises(ValueError):
-        await store.append_at(KEY, 2, entries(2, start=2), encoded=encoded[:1])
+    with pytest.raises(InvalidEntryError):
+        await store.append_batch(KEY, Batch("pa", 0, [b'{"type":"x"}', b"{not json"]))
+    assert await names_under(raw, prefix) == []
 
 
 async def test_appends_in_one_round_trip_in_steady_state(
@@ -384,13 +382,14 @@ async def test_appends_in_one_round_trip_in_steady_state(
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(store.client, "execute_command", counting)
-    await store.append_at(KEY, 0, entries(2))
-    await store.append_at(KEY, 2, entries(3, start=2))
+    await store.append_batch(KEY, batch(0, entries(2)))
+    await store.append_batch(KEY, batch(2, entries(3, start=2), expect=1))
     await store.append(KEY, entries(1, start=5))
-    await store.append_at(SUB, 0, entries(2))
-    assert commands == ["EVALSHA"] * 4
+    await store.append_batch(KEY, batch(5, entries(1, start=6), expect=4))
+    await store.append_batch(SUB, batch(0, entries(2)))
+    assert commands == ["EVALSHA"] * 5
     [summary] = await store.list_session_summaries("proj")
-    assert summary["data"] == fold_session_summary(None, KEY, entries(6))["data"]
+    assert summary["data"] == fold_session_summary(None, KEY, entries(7))["data"]
 
 
 # --- Key encoding: no collisions, no escape ----------------------------------
@@ -483,7 +482,8 @@ async def test_invalid_key_raises_and_creates_nothing(
 ) -> None:
     calls = [
         store.append(key, entries(1)),
-        store.append_at(key, 0, entries(1)),
+        store.append_batch(key, batch(0, entries(1))),
+        store.producer_mark(key, "pa"),
         store.length(key),
         store.load(key),
         store.delete(key),
@@ -511,11 +511,10 @@ async def test_invalid_project_key_in_listings_raises(store: RedisStore, project
     [
         {"type": "x", "secret": {1, 2}},
         {"type": "x", "secret": float("nan")},
-        {"type": "x", "secret": "\ud800"},
         {"type": "x", "secret": object()},
         ["not", "a", "dict"],
     ],
-    ids=["set", "nan", "lone-surrogate", "object", "list"],
+    ids=["set", "nan", "object", "list"],
 )
 async def test_unserialisable_entry_raises_and_writes_nothing(
     store: RedisStore, raw: aioredis.Redis, prefix: str, bad: Any
@@ -525,9 +524,16 @@ async def test_unserialisable_entry_raises_and_writes_nothing(
     with pytest.raises(InvalidEntryError) as info:
         await store.append(KEY, [*entries(1, start=1), bad])
     assert "secret" not in str(info.value)
-    with pytest.raises(InvalidEntryError):
-        await store.append_at(KEY, 1, [*entries(1, start=1), bad])
     assert await raw.lrange(f"{prefix}:t:{{proj}}:sess", 0, -1) == before
+
+
+async def test_a_string_with_a_lone_surrogate_round_trips(store: RedisStore) -> None:
+    # contract 11: what the SDK's own stores accept, walmirror accepts.
+    entry = {"type": "x", "text": "half \ud800 a pair"}
+    await store.append(KEY, [entry])
+    await store.append_batch(SUB, batch(0, [entry]))
+    assert await store.load(KEY) == [entry]
+    assert await store.load(SUB) == [entry]
 
 
 async def test_corrupt_element_raises_without_content(
@@ -544,7 +550,7 @@ async def test_foreign_key_type_is_a_permanent_error(
 ) -> None:
     await raw.set(f"{prefix}:t:{{proj}}:sess", b"someone else's string")
     with pytest.raises(WrongTypeError) as info:
-        await store.append_at(KEY, 0, entries(1))
+        await store.append_batch(KEY, batch(0, entries(1)))
     assert isinstance(info.value, PermanentBackendError)
     assert "someone" not in str(info.value)
 
@@ -565,9 +571,10 @@ async def test_reads_go_in_chunks(store: RedisStore, monkeypatch: pytest.MonkeyP
 
 
 async def test_load_of_a_long_transcript(store: RedisStore) -> None:
-    batch = entries(5000)
-    assert await store.append_at(KEY, 0, batch) == 5000  # more than one RPUSH in the script
-    assert await store.load(KEY) == batch
+    long = entries(5000)
+    receipt = await store.append_batch(KEY, batch(0, long))  # more than one RPUSH in the script
+    assert receipt == Receipt(appended=5000, mark=4999, length=5000)
+    assert await store.load(KEY) == long
 
 
 async def test_delete_of_main_key_cascades(
@@ -585,6 +592,41 @@ async def test_delete_of_main_key_cascades(
     assert await store.length(KEY) == 0
     assert [s["session_id"] for s in await store.list_session_summaries("proj")] == ["other"]
     assert [s["session_id"] for s in await store.list_sessions("proj")] == ["other"]
+
+
+async def test_delete_keeps_the_marks_of_the_main_key_and_every_subkey(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    # contract 5: the marks are the tombstone.
+    sub2: SessionKey = {**KEY, "subpath": "subagents/agent-2"}
+    for key in (KEY, SUB, sub2):
+        await store.append_batch(key, batch(0, entries(2)))
+    await store.delete(KEY)
+    assert await names_under(raw, prefix) == sorted(
+        [
+            f"{prefix}:p:{{proj}}:sess",
+            f"{prefix}:q:{{proj}}:sess:subagents%2Fagent-1",
+            f"{prefix}:q:{{proj}}:sess:subagents%2Fagent-2",
+        ]
+    )
+    for key in (KEY, SUB, sub2):
+        assert await store.producer_mark(key, "pa") == 1
+        assert (await store.append_batch(key, batch(0, entries(2)))).appended == 0
+        assert await store.load(key) is None
+
+
+async def test_a_removed_tombstone_lets_an_old_batch_in_again(
+    store: RedisStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    # What the docstring tells an operator to do once no queue holds the key.
+    await store.append_batch(KEY, batch(0, entries(2)))
+    await store.append_batch(SUB, batch(0, entries(1)))
+    await store.delete(KEY)
+    await raw.delete(f"{prefix}:p:{{proj}}:sess")
+    async for name in raw.scan_iter(match=f"{prefix}:q:{{proj}}:sess:*"):
+        await raw.delete(name)
+    assert await names_under(raw, prefix) == []
+    assert (await store.append_batch(KEY, batch(0, entries(2)))).appended == 2
 
 
 async def test_delete_of_subpath_keeps_main_transcript_and_summary(store: RedisStore) -> None:
@@ -638,22 +680,36 @@ async def test_subpath_appends_do_not_touch_the_summary(store: RedisStore) -> No
 async def test_repeats_never_fold_twice(
     store: RedisStore, raw: aioredis.Redis, prefix: str
 ) -> None:
-    await store.append_at(KEY, 0, TITLED[0])
-    await store.append_at(KEY, 1, TITLED[1])
-    assert await store.append_at(KEY, 1, TITLED[1]) == 2
-    assert await store.append_at(KEY, 0, TITLED[0] + TITLED[1]) == 2
+    await store.append_batch(KEY, batch(0, TITLED[0]))
+    await store.append_batch(KEY, batch(1, TITLED[1], expect=0))
+    assert (await store.append_batch(KEY, batch(1, TITLED[1], expect=0))).appended == 0
+    assert (await store.append_batch(KEY, batch(0, TITLED[0] + TITLED[1]))).appended == 0
     # A repeat of an older batch must not fold it again ("one" would win).
-    assert await store.append_at(KEY, 0, TITLED[0]) == 2
+    assert (await store.append_batch(KEY, batch(0, TITLED[0]))).appended == 0
     summary = await only_summary(store)
     assert summary["data"] == folded(TITLED[:2])
     assert summary["data"]["custom_title"] == "two"
     assert await raw.hget(f"{prefix}:m:{{proj}}:sess", "folded") == b"2"
 
 
-async def test_partial_overlap_folds_only_the_new_suffix(store: RedisStore) -> None:
-    await store.append_at(KEY, 0, TITLED[0] + TITLED[1])
-    await store.append_at(KEY, 1, TITLED[1] + TITLED[2])
+async def test_a_partial_repeat_folds_only_the_new_suffix(store: RedisStore) -> None:
+    await store.append_batch(KEY, batch(0, TITLED[0] + TITLED[1]))
+    await store.append_batch(KEY, batch(1, TITLED[1] + TITLED[2], expect=1))
     assert (await only_summary(store))["data"] == folded(TITLED)
+
+
+async def test_a_retry_by_a_store_that_never_saw_the_reply_folds_nothing_twice(
+    make_store: MakeStore,
+) -> None:
+    # contract 2: the write landed, its reply was lost, the queue resends from
+    # another process (a fresh store: no remembered mark or summary to guess from).
+    landed, resent = make_store(), make_store()
+    await landed.append_batch(KEY, batch(0, TITLED[0]))
+    await landed.append_batch(KEY, batch(1, TITLED[1], expect=0))
+    assert (await resent.append_batch(KEY, batch(1, TITLED[1] + TITLED[2], expect=0))) == Receipt(
+        appended=1, mark=2, length=3
+    )
+    assert (await only_summary(resent))["data"] == folded(TITLED)
 
 
 @pytest.mark.parametrize("crash", ["summary-missing", "summary-rolled-back"])
@@ -661,18 +717,18 @@ async def test_summary_catches_up_after_a_lost_summary_write(
     store: RedisStore, raw: aioredis.Redis, prefix: str, crash: str
 ) -> None:
     name = f"{prefix}:m:{{proj}}:sess"
-    await store.append_at(KEY, 0, TITLED[0])
+    await store.append_batch(KEY, batch(0, TITLED[0]))
     old = await raw.dump(name)
-    await store.append_at(KEY, 1, TITLED[1])
+    await store.append_batch(KEY, batch(1, TITLED[1], expect=0))
     # The transcript write of TITLED[1] landed; its summary write did not.
     if crash == "summary-missing":
         await raw.delete(name)
     else:
         await raw.restore(name, 0, old, replace=True)
     # The flusher's retry is a repeat: nothing new is written, the summary catches up.
-    assert await store.append_at(KEY, 1, TITLED[1]) == 2
+    assert await store.append_batch(KEY, batch(1, TITLED[1], expect=0)) == Receipt(0, 1, 2)
     assert (await only_summary(store))["data"] == folded(TITLED[:2])
-    await store.append_at(KEY, 2, TITLED[2])
+    await store.append_batch(KEY, batch(2, TITLED[2], expect=1))
     assert (await only_summary(store))["data"] == folded(TITLED)
     assert await raw.hget(name, "folded") == b"3"
 
@@ -761,9 +817,11 @@ async def test_ttl_expires_idle_sessions(
     make_store: MakeStore, raw: aioredis.Redis, prefix: str
 ) -> None:
     store = make_store(ttl=0.4)
-    await store.append(KEY, TITLED[0])
-    await store.append(SUB, entries(1))
-    for name in await names_under(raw, prefix):
+    await store.append_batch(KEY, batch(0, TITLED[0]))
+    await store.append_batch(SUB, batch(0, entries(1)))
+    names = await names_under(raw, prefix)
+    assert len(names) == 7  # transcripts, marks, subkey set, summary, index
+    for name in names:
         assert 0 < await raw.pttl(name) <= 400, name
     assert len(await store.list_sessions("proj")) == 1
     await asyncio.sleep(0.5)
@@ -772,6 +830,22 @@ async def test_ttl_expires_idle_sessions(
     assert await store.list_session_summaries("proj") == []
     assert await store.list_subkeys(KEY) == []
     assert await names_under(raw, prefix) == []
+
+
+async def test_marks_expire_with_the_data_and_a_deleted_keys_tombstone_with_its_ttl(
+    make_store: MakeStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    store = make_store(ttl=0.4)
+    await store.append_batch(KEY, batch(0, entries(2)))
+    await store.append(KEY, entries(1, start=2))  # a plain append slides the marks too
+    await store.delete(KEY)
+    assert 0 < await raw.pttl(f"{prefix}:p:{{proj}}:sess") <= 400
+    assert (await store.append_batch(KEY, batch(0, entries(2)))).appended == 0
+    await asyncio.sleep(0.5)
+    assert await names_under(raw, prefix) == []
+    # An expired key is a deleted key whose tombstone expired too.
+    with pytest.raises(MarkBehindError):
+        await store.append_batch(KEY, batch(2, entries(1, start=2), expect=1))
 
 
 async def test_ttl_slides_with_each_append(make_store: MakeStore) -> None:
@@ -813,6 +887,145 @@ async def test_check_server_warns_about_missing_persistence(
     server = await private_redis()  # --save "" --appendonly no
     [warning] = await make_store(server.url).check_server()
     assert "no persistence" in warning
+
+
+# --- Real faults, the atomic step alone ----------------------------------------------
+
+
+async def call_until_it_lands(store: RedisStore, key: SessionKey, sent: Batch) -> Receipt:
+    """What a flusher does: send the same batch again until a reply comes back."""
+    while True:
+        try:
+            return await store.append_batch(key, sent)
+        except (RedisError, OSError):
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode", ["reset", "blackhole", "delay", "drop_replies"])
+async def test_a_failed_call_then_its_retry_stores_the_batch_exactly_once(
+    make_store: MakeStore, mode: str
+) -> None:
+    # contract 2: after a lost reply (delay, drop_replies) the retry is a no-op;
+    # after a call that never arrived (reset, blackhole) it appends.
+    proxy = await FaultProxy.start(HOST, PORT)
+    try:
+        proxied = make_store(
+            f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=0.3, socket_connect_timeout=0.3
+        )
+        direct = make_store()
+        await proxied.append_batch(KEY, batch(0, TITLED[0]))  # a pooled connection, warm
+        sent = batch(1, TITLED[1] + TITLED[2], expect=0)
+        if mode == "delay":
+            proxy.set_mode("delay", seconds=0.6)  # past the client's 0.3 s socket timeout
+        else:
+            proxy.set_mode(mode)  # type: ignore[arg-type]
+        with pytest.raises((RedisError, OSError)):
+            await proxied.append_batch(KEY, sent)
+        landed = mode in ("delay", "drop_replies")
+        assert await direct.length(KEY) == (3 if landed else 1)
+        proxy.set_mode("pass")
+        receipt = await call_until_it_lands(proxied, KEY, sent)
+        assert receipt == Receipt(appended=0 if landed else 2, mark=2, length=3)
+        assert await direct.load(KEY) == TITLED[0] + TITLED[1] + TITLED[2]
+        assert (await only_summary(direct))["data"] == folded(TITLED)
+    finally:
+        await proxy.close()
+
+
+async def test_concurrent_producers_through_a_flapping_network_land_exactly_once(
+    make_store: MakeStore,
+) -> None:
+    # contract 2: four hosts write one key at once while the network resets,
+    # swallows and delays; each retries its batch until a reply comes back.
+    proxy = await FaultProxy.start(HOST, PORT)
+    rng = random.Random(11)
+    per_producer = 30
+
+    def entry(producer: str, n: int) -> dict[str, Any]:
+        return {"type": "user", "customTitle": f"{producer}-{n}", "p": producer, "n": n}
+
+    async def produce(producer: str, store: RedisStore) -> Batch:
+        seq, expect, sent = 0, None, None
+        while seq < per_producer:
+            size = min(rng.randint(1, 5), per_producer - seq)
+            sent = batch(
+                seq, [entry(producer, n) for n in range(seq, seq + size)], expect, producer
+            )
+            receipt = await call_until_it_lands(store, KEY, sent)
+            assert receipt.mark == sent.last_seq
+            seq, expect = seq + size, sent.last_seq
+        assert sent is not None
+        return sent
+
+    async def flap(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            mode = rng.choice(["pass", "pass", "reset", "drop_replies", "blackhole", "delay"])
+            if mode == "delay":
+                proxy.set_mode("delay", seconds=0.4)
+            else:
+                proxy.set_mode(mode)  # type: ignore[arg-type]
+            await asyncio.sleep(rng.uniform(0.02, 0.15))
+        proxy.set_mode("pass")
+
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        hosts = {
+            f"p{i}": make_store(url, socket_timeout=0.3, socket_connect_timeout=0.3)
+            for i in range(4)
+        }
+        stop = asyncio.Event()
+        flapping = asyncio.create_task(flap(stop))
+        try:
+            last = await asyncio.gather(*(produce(p, s) for p, s in hosts.items()))
+        finally:
+            stop.set()
+            await flapping
+        assert proxy.resets > 0
+        # A summary catch-up lost to the network is redone by the next call: a repeat.
+        for store, sent in zip(hosts.values(), last, strict=True):
+            assert (await call_until_it_lands(store, KEY, sent)).appended == 0
+        stored = await make_store().load(KEY)
+        assert stored is not None and len(stored) == 4 * per_producer
+        for producer in hosts:
+            mine = [e for e in stored if e["p"] == producer]
+            assert mine == [entry(producer, n) for n in range(per_producer)]
+        summary = await only_summary(make_store())
+        assert summary["data"] == fold_session_summary(None, KEY, stored)["data"]
+    finally:
+        await proxy.close()
+
+
+async def test_a_restart_without_persistence_ends_in_mark_behind(
+    make_store: MakeStore, private_redis: Callable[..., Any]
+) -> None:
+    # A restart that loses acknowledged entries loses their marks with them, and
+    # the producer that was told "stored" learns it (contract 2: repaired or reported).
+    server = await private_redis()  # --save "" --appendonly no
+    store = make_store(server.url, socket_timeout=0.5, socket_connect_timeout=0.3)
+    await store.append_batch(KEY, batch(0, entries(3)))
+    await store.append_batch(SUB, batch(0, entries(2)))
+    await server.stop(signal.SIGKILL)
+    await server.start()
+    for key, acknowledged in ((KEY, 2), (SUB, 1)):
+        sent = batch(acknowledged + 1, entries(1, start=9), expect=acknowledged)
+        with pytest.raises(MarkBehindError) as info:
+            await call_until_it_lands(store, key, sent)
+        assert (info.value.mark, info.value.expect) == (None, acknowledged)
+        assert await store.load(key) is None
+
+
+async def test_a_restart_with_aof_keeps_the_marks(
+    make_store: MakeStore, private_redis: Callable[..., Any]
+) -> None:
+    server = await private_redis("--appendonly", "yes", "--appendfsync", "always")
+    store = make_store(server.url, socket_timeout=0.5, socket_connect_timeout=0.3)
+    await store.append_batch(KEY, batch(0, entries(3)))
+    await store.delete(KEY)  # the tombstone survives the restart too
+    await server.stop(signal.SIGKILL)
+    await server.start()
+    assert (await call_until_it_lands(store, KEY, batch(0, entries(3)))).appended == 0
+    receipt = await store.append_batch(KEY, batch(3, entries(1, start=3), expect=2))
+    assert receipt == Receipt(appended=1, mark=3, length=1)
 
 
 # --- Real faults, exactly once, through DurableSessionStore ------------------------

@@ -27,16 +27,11 @@ from claude_agent_sdk.testing.session_store_conformance import run_session_store
 from claude_agent_sdk.types import SessionKey
 from s3_server import MotoServer
 
-from walmirror import DurableSessionStore, FlushBlockedError
-from walmirror.backend import is_offset_aware
+from walmirror import DurableSessionStore
 from walmirror.backends.s3 import S3Store
-from walmirror.errors import (
-    InvalidEntryError,
-    InvalidKeyError,
-    OffsetConflictError,
-    OffsetGapError,
-)
+from walmirror.errors import InvalidEntryError, InvalidKeyError
 from walmirror.faultproxy import FaultProxy
+from walmirror.protocol import Batch, MarkBehindError, Receipt, is_producer_store
 
 ENDPOINT = os.environ.get("WALMIRROR_S3_ENDPOINT")
 BUCKET = os.environ.get("WALMIRROR_S3_BUCKET", "walmirror-tests")
@@ -58,6 +53,11 @@ Make = Callable[..., DurableSessionStore]
 
 def entries(count: int, start: int = 0, tag: str = "e") -> list[Any]:
     return [{"type": "user", "uuid": f"{tag}{i}", "n": i} for i in range(start, start + count)]
+
+
+def batch(producer: str, first: int, count: int, expect: int | None = None) -> Batch:
+    """``count`` entries of ``producer`` from seq ``first`` (the entries carry the seq)."""
+    return Batch.of(producer, first, entries(count, first, tag=producer), expect)
 
 
 # --- Fixtures: a server, a bucket, a prefix per test --------------------------
@@ -109,6 +109,24 @@ class S3Env:
             if not page.get("IsTruncated"):
                 return sorted(names)
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    async def sizes(self, under: str = "") -> dict[str, int]:
+        """Object name (without this test's prefix) -> size, under ``under``."""
+        out: dict[str, int] = {}
+        kwargs = {"Bucket": BUCKET, "Prefix": self.prefix + under}
+        while True:
+            page = await self.client.list_objects_v2(**kwargs)
+            out.update(
+                {o["Key"][len(self.prefix) :]: o["Size"] for o in page.get("Contents") or []}
+            )
+            if not page.get("IsTruncated"):
+                return out
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    async def holding(self, under: str = "proj/sess/parts/") -> list[str]:
+        """The part and segment objects that hold entries (not blanks, guards or marks)."""
+        sizes = await self.sizes(under)
+        return sorted(n for n, size in sizes.items() if n.endswith(".jsonl") and size > 1)
 
     async def put(self, name: str, body: bytes, **extra: Any) -> None:
         await self.client.put_object(Bucket=BUCKET, Key=self.prefix + name, Body=body, **extra)
@@ -178,9 +196,9 @@ async def test_passes_sdk_conformance_suite_behind_durable_store(
     await run_session_store_conformance(lambda: make_durable(s3.store(uuid.uuid4().hex)))
 
 
-def test_is_offset_aware_and_names_its_cursor(s3: S3Env) -> None:
+def test_speaks_the_protocol_and_names_its_cursor(s3: S3Env) -> None:
     store = s3.store("x")
-    assert is_offset_aware(store)
+    assert is_producer_store(store)
     assert store.cursor_name == f"s3://{BUCKET}/{s3.prefix}x"
     assert S3Store(s3.client, BUCKET).cursor_name == f"s3://{BUCKET}"
 
@@ -198,8 +216,8 @@ async def test_from_url_connects_on_first_use(
     assert store.client is None  # built without a loop or a connection
     assert store.cursor_name == f"s3://{BUCKET}/{s3.prefix}via-url"
     try:
-        assert await store.append_at(KEY, 0, entries(2)) == 2
-        assert await s3.store("via-url").load(KEY) == entries(2)
+        assert (await store.append_batch(KEY, batch("pa", 0, 2))).length == 2
+        assert await s3.store("via-url").load(KEY) == entries(2, tag="pa")
     finally:
         await store.close()
 
@@ -234,7 +252,7 @@ async def test_check_finds_bucket_and_conditional_writes(s3: S3Env) -> None:
 async def test_parts_are_named_by_first_offset_and_hold_jsonl(s3: S3Env) -> None:
     store = s3.store()
     await store.append(KEY, [{"type": "user", "text": "héllo"}, {"type": "x", "n": 1}])
-    await store.append(KEY, entries(1))
+    await store.append_batch(KEY, batch("pa", 7, 3))
     assert await s3.keys("proj/sess/parts/") == [
         "proj/sess/parts/000000000000.jsonl",
         "proj/sess/parts/000000000002.jsonl",
@@ -244,8 +262,12 @@ async def test_parts_are_named_by_first_offset_and_hold_jsonl(s3: S3Env) -> None
     )
     async with got["Body"] as body:
         assert await body.read() == '{"type":"user","text":"héllo"}\n{"type":"x","n":1}\n'.encode()
-    assert got["Metadata"]["entries"] == "2"
-    assert len(got["Metadata"]["generation"]) == 16  # part 0 names its transcript
+    assert got["Metadata"] == {"entries": "2"}  # a plain append has no producer
+    head = await s3.client.head_object(
+        Bucket=BUCKET, Key=s3.prefix + "proj/sess/parts/000000000002.jsonl"
+    )
+    # Who wrote the part, and its last seq: the marks are folded from these.
+    assert head["Metadata"] == {"entries": "3", "producer": "pa", "seq": "9"}
 
 
 async def test_subkeys_and_sidecar_live_apart_from_the_main_parts(s3: S3Env) -> None:
@@ -268,18 +290,38 @@ async def test_append_of_empty_list_sends_nothing(s3: S3Env) -> None:
     assert await store.length(KEY) == 0
 
 
-async def test_delete_of_main_key_removes_every_object_of_the_session(s3: S3Env) -> None:
+async def test_delete_of_main_key_leaves_only_its_tombstone(s3: S3Env) -> None:
+    # contract 5: the entries are gone; blanks, guards and marks checkpoints stay.
     store = s3.store()
     other: SessionKey = {"project_key": "proj", "session_id": "sess2"}
-    await store.append(KEY, entries(2))
-    await store.append(SUB, entries(1))
+    await store.append_batch(KEY, batch("pa", 0, 2))
+    await store.append(KEY, entries(1))
+    await store.append_batch(SUB, batch("pa", 0, 1))
     await store.append(other, entries(1))
     await store.close()
     store = s3.store()
     await store.delete(KEY)
-    assert await s3.keys() == ["proj/@summaries/sess2.json", "proj/sess2/parts/000000000000.jsonl"]
+    sizes = await s3.sizes("proj/sess/")
+    assert sizes == {
+        "proj/sess/parts/000000000000.jsonl": 0,  # blank: the name stays taken
+        "proj/sess/parts/000000000002.jsonl": 0,
+        "proj/sess/parts/000000000003.jsonl": 1,  # the guard: the delete's offset
+        "proj/sess/parts/000000000003.marks.json": len(b'{"marks":{"pa":1}}'),
+        "proj/sess/subkeys/subagents%2Fagent-1/parts/000000000000.jsonl": 0,
+        "proj/sess/subkeys/subagents%2Fagent-1/parts/000000000001.jsonl": 1,
+        "proj/sess/subkeys/subagents%2Fagent-1/parts/000000000001.marks.json": len(
+            b'{"marks":{"pa":0}}'
+        ),
+    }
+    assert "proj/@summaries/sess.json" not in await s3.keys()
     assert await store.length(KEY) == 0
     assert await store.load(SUB) is None
+    assert await store.list_sessions("proj") == [
+        {"session_id": "sess2", "mtime": (await store.list_sessions("proj"))[0]["mtime"]}
+    ]
+    assert await store.list_subkeys(KEY) == []
+    assert await store.producer_mark(KEY, "pa") == 1
+    assert await store.producer_mark(SUB, "pa") == 0
 
 
 async def test_delete_of_subkey_keeps_main_transcript_and_summary(s3: S3Env) -> None:
@@ -296,152 +338,125 @@ async def test_delete_of_subkey_keeps_main_transcript_and_summary(s3: S3Env) -> 
 async def test_invalid_entries_are_refused_before_anything_is_sent(s3: S3Env) -> None:
     store = s3.store()
     with pytest.raises(InvalidEntryError, match="entry 1"):
-        await store.append_at(KEY, 0, [{"type": "x"}, {"type": "x", "bad": {1, 2}}])
+        await store.append(KEY, [{"type": "x"}, {"type": "x", "bad": {1, 2}}])
     with pytest.raises(InvalidEntryError):
         await store.append(KEY, [{"type": "x", "nan": float("nan")}])
+    with pytest.raises(ValueError, match="encoded"):  # a line must stay one line
+        await store.append_batch(KEY, Batch("pa", 0, [b'{"type":"x"}\n{"type":"y"}']))
     assert await s3.keys() == []
 
 
-# --- Offsets (walmirror.backend) -------------------------------------------
+# --- The protocol's atomic step, in S3's terms (walmirror.protocol) ----------
 
 
-async def test_append_at_the_end_returns_the_new_length(s3: S3Env) -> None:
+async def test_append_batch_stores_the_queues_bytes_as_given(s3: S3Env) -> None:
     store = s3.store()
-    assert await store.append_at(KEY, 0, entries(3)) == 3
-    assert await store.append_at(KEY, 3, entries(2, 3)) == 5
-    assert await store.length(KEY) == 5
-    assert await store.load(KEY) == entries(5)
-
-
-async def test_append_at_stores_the_queues_bytes_as_given(s3: S3Env) -> None:
-    store = s3.store()
-    batch = [{"type": "x", "b": 1, "a": "é"}]
     as_queued = [b'{"type":"x","b":1,"a":"\xc3\xa9"}']
-    assert await store.append_at(KEY, 0, batch, encoded=as_queued) == 1
+    receipt = await store.append_batch(KEY, Batch("pa", 0, as_queued))
+    assert receipt == Receipt(appended=1, mark=0, length=1)
     got = await s3.client.get_object(
         Bucket=BUCKET, Key=s3.prefix + "proj/sess/parts/000000000000.jsonl"
     )
     async with got["Body"] as body:
         assert await body.read() == as_queued[0] + b"\n"
-    assert await store.load(KEY) == batch
-    with pytest.raises(ValueError, match="encoded"):
-        await store.append_at(KEY, 1, entries(2), encoded=[b"{}"])
-    with pytest.raises(ValueError, match="encoded"):
-        await store.append_at(KEY, 1, entries(1), encoded=[b'{"type":"x"}\n{"type":"y"}'])
+    assert await store.load(KEY) == [{"type": "x", "b": 1, "a": "é"}]
 
 
-async def test_a_repeat_is_a_no_op(s3: S3Env) -> None:
+async def test_a_repeat_writes_no_object(s3: S3Env) -> None:
+    # contract 2: a retry after a lost reply is a no-op.
     store = s3.store()
-    await store.append_at(KEY, 0, entries(3))
-    await store.append_at(KEY, 3, entries(2, 3))
+    await store.append_batch(KEY, batch("pa", 0, 3))
+    await store.append_batch(KEY, batch("pa", 3, 2, expect=2))
     before = await s3.keys()
-    assert await store.append_at(KEY, 0, entries(3)) == 5
-    assert await store.append_at(KEY, 1, entries(4, 1)) == 5
+    assert (await store.append_batch(KEY, batch("pa", 0, 3))).appended == 0
+    assert (await s3.store().append_batch(KEY, batch("pa", 1, 4))).appended == 0
     assert await s3.keys() == before
-    assert await store.load(KEY) == entries(5)
+    assert await store.load(KEY) == entries(5, tag="pa")
 
 
-async def test_an_overlap_appends_only_the_suffix(s3: S3Env) -> None:
+async def test_a_part_holds_only_the_entries_past_the_mark(s3: S3Env) -> None:
     store = s3.store()
-    await store.append_at(KEY, 0, entries(3))
-    assert await store.append_at(KEY, 1, entries(6, 1)) == 7
-    assert await store.load(KEY) == entries(7)
+    await store.append_batch(KEY, batch("pa", 0, 3))
+    assert await store.append_batch(KEY, batch("pa", 1, 6, expect=2)) == Receipt(4, 6, 7)
+    assert await store.load(KEY) == entries(7, tag="pa")
     assert await s3.keys("proj/sess/parts/") == [
         "proj/sess/parts/000000000000.jsonl",
         "proj/sess/parts/000000000003.jsonl",
     ]
 
 
-async def test_an_overlap_with_other_entries_is_a_conflict_and_writes_nothing(
-    s3: S3Env,
-) -> None:
-    store = s3.store()
-    await store.append_at(KEY, 0, entries(3))
-    with pytest.raises(OffsetConflictError) as caught:
-        await store.append_at(KEY, 2, [*entries(1, 2, tag="SECRET"), *entries(2, 3)])
-    assert caught.value.offset == 2 and caught.value.length == 3
-    assert "SECRET" not in str(caught.value)  # no transcript content in errors
-    assert await store.load(KEY) == entries(3)
-
-
-async def test_an_overlap_equal_as_json_is_a_repeat(s3: S3Env) -> None:
-    store = s3.store()
-    await store.append_at(KEY, 0, [{"type": "x", "a": 1, "b": 2}])
-    assert await store.append_at(KEY, 0, [{"b": 2, "a": 1, "type": "x"}, {"type": "y"}]) == 2
-    assert await store.load(KEY) == [{"type": "x", "a": 1, "b": 2}, {"type": "y"}]
-
-
-async def test_a_gap_is_refused(s3: S3Env) -> None:
-    store = s3.store()
-    with pytest.raises(OffsetGapError):
-        await store.append_at(KEY, 1, entries(1))
-    await store.append_at(KEY, 0, entries(2))
-    with pytest.raises(OffsetGapError) as caught:
-        await store.append_at(KEY, 5, entries(1, 5))
-    assert caught.value.offset == 5 and caught.value.length == 2
-    assert await store.load(KEY) == entries(2)
-
-
-async def test_two_writers_at_one_offset_only_one_lands(s3: S3Env) -> None:
-    # Different batch sizes on purpose: part names hold the first offset only,
-    # so the conditional put makes them collide.
+async def test_two_writers_at_one_offset_both_land_one_after_the_other(s3: S3Env) -> None:
+    # Different batch sizes on purpose: part names hold the first offset only, so
+    # the conditional put makes them collide; the loser re-learns and appends after.
     first, second = s3.store(), s3.store()
-    await first.append_at(KEY, 0, entries(2))
+    await first.append_batch(KEY, batch("pa", 0, 2))
     assert await second.length(KEY) == 2
     results = await asyncio.gather(
-        first.append_at(KEY, 2, entries(3, 2, tag="a")),
-        second.append_at(KEY, 2, entries(5, 2, tag="b")),
-        return_exceptions=True,
+        first.append_batch(KEY, batch("pa", 2, 3, expect=1)),
+        second.append_batch(KEY, batch("pb", 0, 5)),
     )
-    conflicts = [r for r in results if isinstance(r, OffsetConflictError)]
-    assert len(conflicts) == 1, results
-    winner = "a" if results[0] == 5 else "b"
+    assert sorted(r.length for r in results) in ([5, 10], [7, 10])
     stored = await first.load(KEY)
-    assert stored == entries(2) + entries(3 if winner == "a" else 5, 2, tag=winner)
+    assert stored is not None and len(stored) == 10
+    assert [e for e in stored if e["uuid"].startswith("pa")] == entries(5, tag="pa")
+    assert [e for e in stored if e["uuid"].startswith("pb")] == entries(5, tag="pb")
 
 
-async def test_two_writers_of_the_same_batch_store_it_once(s3: S3Env) -> None:
-    first, second = s3.store(), s3.store()
-    results = await asyncio.gather(
-        first.append_at(KEY, 0, entries(4)), second.append_at(KEY, 0, entries(4))
-    )
-    assert results == [4, 4]
-    assert await first.load(KEY) == entries(4)
-
-
-async def test_a_stale_cached_length_is_corrected_by_the_conditional_put(s3: S3Env) -> None:
+async def test_a_stale_cached_end_is_corrected_by_the_conditional_put(s3: S3Env) -> None:
     mine, theirs = s3.store(), s3.store()
-    await mine.append_at(KEY, 0, entries(2))  # mine caches length 2
-    await theirs.append_at(KEY, 2, entries(3, 2))
-    assert await mine.append(KEY, entries(1, 5)) is None  # lands after theirs, not over it
-    assert await mine.load(KEY) == entries(6)
-    # With a stale cache, append_at at the cached end meets theirs: compared, refused.
-    stale = s3.store()
-    await stale.append_at(KEY, 0, entries(6))  # a repeat; caches length 6
-    await theirs.append_at(KEY, 6, entries(1, 6))
-    with pytest.raises(OffsetConflictError):
-        await stale.append_at(KEY, 6, entries(1, 99))
-    assert await stale.append_at(KEY, 6, entries(1, 6)) == 7  # the same entry: a repeat
+    await mine.append_batch(KEY, batch("pa", 0, 2))  # mine caches end 2
+    await theirs.append_batch(KEY, batch("pb", 0, 3))
+    assert await mine.append_batch(KEY, batch("pa", 2, 1, expect=1)) == Receipt(1, 2, 6)
+    await mine.append(KEY, entries(1, tag="plain"))  # a plain append too
+    assert await theirs.load(KEY) == (
+        entries(2, tag="pa") + entries(3, tag="pb") + entries(1, 2, tag="pa")
+    ) + entries(1, tag="plain")
 
 
-async def test_a_key_deleted_elsewhere_is_not_continued_with_a_hole(s3: S3Env) -> None:
-    mine = s3.store(length_cache_ttl=0.0)
-    theirs = s3.store()
-    await mine.append_at(KEY, 0, entries(3))
+async def test_a_key_deleted_elsewhere_starts_afresh_under_a_stale_cache(s3: S3Env) -> None:
+    # contract 5: delete on one host, appends on another that still caches the old
+    # end: a fresh, readable transcript; nothing deleted comes back.
+    mine, theirs = s3.store(), s3.store()
+    await mine.append_batch(KEY, batch("pa", 0, 3))
+    await mine.append_batch(SUB, batch("pa", 0, 2))
+    await mine.append(KEY, entries(1, tag="plain"))
     await theirs.delete(KEY)
-    with pytest.raises(OffsetGapError):
-        await mine.append_at(KEY, 3, entries(2, 3))
-    assert await s3.keys("proj/sess/") == []
+    assert await mine.append_batch(KEY, batch("pa", 0, 3)) == Receipt(0, 2, 0)  # late retry
+    assert await mine.append_batch(SUB, batch("pa", 1, 1)) == Receipt(0, 1, 0)
+    assert await mine.append_batch(KEY, batch("pa", 3, 2, expect=2)) == Receipt(2, 4, 2)
+    await mine.append(KEY, entries(1, 1, tag="plain"))
+    await theirs.append_batch(SUB, batch("pb", 0, 1))
+    for reader in (mine, theirs, s3.store()):
+        assert await reader.load(KEY) == entries(2, 3, tag="pa") + entries(1, 1, tag="plain")
+        assert await reader.load(SUB) == entries(1, tag="pb")
+    # And a store that never saw the key reads the tombstone's marks.
+    assert await s3.store().append_batch(KEY, batch("pa", 0, 5)) == Receipt(0, 4, 3)
 
 
-async def test_a_cached_length_is_trusted_only_for_its_ttl(s3: S3Env) -> None:
+async def test_a_delete_racing_an_append_keeps_the_append(s3: S3Env) -> None:
+    # contract 5: an append that takes the offset first is sealed in; one after the
+    # guard starts the fresh transcript. Either way it is never lost.
+    writer, deleter = s3.store(), s3.store()
+    await writer.append_batch(KEY, batch("pa", 0, 2))
+    receipt, _ = await asyncio.gather(
+        writer.append_batch(KEY, batch("pa", 2, 2, expect=1)), deleter.delete(KEY)
+    )
+    stored = await s3.store().load(KEY)
+    assert stored in (None, entries(2, 2, tag="pa"))
+    assert (stored is None) == (receipt.length == 4)  # landed before the guard: deleted
+    assert await s3.store().producer_mark(KEY, "pa") == 3
+
+
+async def test_a_bucket_that_lost_data_is_noticed_once_the_cache_ttl_passes(s3: S3Env) -> None:
     mine = s3.store(length_cache_ttl=0.2)
-    theirs = s3.store()
-    await mine.append_at(KEY, 0, entries(3))
-    await theirs.delete(KEY)
+    await mine.append_batch(KEY, batch("pa", 0, 3))
+    for name in await s3.keys():  # the bucket loses everything, behind the store's back
+        await s3.client.delete_object(Bucket=BUCKET, Key=s3.prefix + name)
     await asyncio.sleep(0.25)
-    with pytest.raises(OffsetGapError):
-        await mine.append_at(KEY, 3, entries(2, 3))
+    with pytest.raises(MarkBehindError) as caught:
+        await mine.append_batch(KEY, batch("pa", 3, 2, expect=2))
+    assert caught.value.mark is None
+    assert await s3.keys() == []  # nothing written after the hole
 
 
 async def test_length_of_a_missing_key_is_zero(s3: S3Env) -> None:
@@ -539,65 +554,94 @@ def compacting_store(s3: S3Env, **tuning: Any) -> S3Store:
     return s3.store(**tuning)
 
 
-async def fill(store: S3Store, appends: int = 30) -> list[Any]:
-    """``appends`` appends of 1 to 3 entries; returns what the key holds."""
-    expected: list[Any] = []
+async def fill(store: S3Store, appends: int = 30, producer: str = "pa", seq: int = 0) -> list[Any]:
+    """``appends`` batches of 1 to 3 entries from ``producer``; returns what it wrote."""
+    written: list[Any] = []
     for i in range(appends):
-        batch = entries(1 + i % 3, len(expected))
-        await store.append_at(KEY, len(expected), batch)
-        expected += batch
-    return expected
+        count = 1 + i % 3
+        expect = None if seq == 0 else seq - 1
+        await store.append_batch(KEY, batch(producer, seq, count, expect))
+        written += entries(count, seq, tag=producer)
+        seq += count
+    return written
 
 
-async def test_compaction_keeps_entries_and_order_with_fewer_objects(s3: S3Env) -> None:
+async def test_compaction_keeps_entries_and_order_with_fewer_objects_to_read(
+    s3: S3Env,
+) -> None:
     store = compacting_store(s3)
     expected = await fill(store)
-    parts_before = await s3.keys("proj/sess/parts/")
-    assert await store.load(KEY) == expected
+    parts_before = await s3.holding()
     removed = await store.compact(KEY)
-    after = await s3.keys("proj/sess/parts/")
-    assert removed > 0 and len(after) < len(parts_before) - removed // 2
+    after = await s3.holding()
+    assert removed > 0 and len(after) < len(parts_before) // 2
     assert any("-" in name for name in after)  # segments named by their range
     assert after[-1] == parts_before[-1]  # the last part stays: list_sessions' mtime
     assert await store.load(KEY) == expected
     assert await store.length(KEY) == len(expected)
-    assert await store.append_at(KEY, len(expected), entries(2, len(expected))) == len(expected) + 2
+    await store.append_batch(KEY, batch("pa", len(expected), 2, expect=len(expected) - 1))
     assert await store.compact(KEY) >= 0
-    assert await store.load(KEY) == expected + entries(2, len(expected))
+    assert await store.load(KEY) == expected + entries(2, len(expected), tag="pa")
+
+
+async def test_compaction_keeps_the_names_of_the_parts_it_replaces(s3: S3Env) -> None:
+    # A blank keeps the offset's name taken: a put at a stale end can never land.
+    store = compacting_store(s3)
+    await fill(store)
+    names_before = set(await s3.keys("proj/sess/parts/"))
+    await store.compact(KEY)
+    sizes = await s3.sizes("proj/sess/parts/")
+    assert names_before <= set(sizes)
+    assert any(sizes[name] == 0 for name in names_before)
+    [checkpoint] = [n for n in sizes if n.endswith(".marks.json")]  # older ones pruned
+    assert checkpoint.startswith("proj/sess/parts/0000000000")
+
+
+async def test_compaction_keeps_every_producers_mark(s3: S3Env) -> None:
+    store = compacting_store(s3)
+    await fill(store, producer="pa")
+    await fill(store, producer="pb", appends=10)
+    await store.append(KEY, entries(1, tag="plain"))
+    await store.compact(KEY)
+    fresh = s3.store()
+    assert await fresh.producer_mark(KEY, "pa") == 59
+    assert await fresh.producer_mark(KEY, "pb") == 18  # 10 batches: 19 entries
+    assert await fresh.producer_mark(KEY, "pc") is None
 
 
 async def test_compaction_twice_changes_nothing_more(s3: S3Env) -> None:
     store = compacting_store(s3)
     await fill(store)
     await store.compact(KEY)
-    names = await s3.keys()
+    names = await s3.sizes("proj/sess/")
     assert await store.compact(KEY) == 0
-    assert await s3.keys() == names
+    assert await s3.sizes("proj/sess/") == names
 
 
-async def test_load_is_right_between_segment_write_and_part_deletion(
+async def test_load_is_right_between_segment_write_and_part_blanking(
     s3: S3Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = compacting_store(s3)
     expected = await fill(store)
-    before = await s3.keys()
+    before = await s3.holding()
 
-    async def keep_everything(keys: list[str]) -> None:
+    async def keep_everything(keys: list[Any]) -> None:
         return None
 
     monkeypatch.setattr(store, "_delete_keys", keep_everything)
-    await store.compact(KEY)  # segments written, nothing deleted
+    monkeypatch.setattr(store, "_blank", keep_everything)
+    await store.compact(KEY)  # segments and checkpoints written, nothing blanked
     monkeypatch.undo()
-    during = await s3.keys()
-    assert set(before) < set(during)
+    assert set(before) < set(await s3.holding())
     for reader in (store, s3.store()):
         assert await reader.load(KEY) == expected
         assert await reader.length(KEY) == len(expected)
-    await store.append_at(KEY, len(expected), entries(1, len(expected)))
-    expected += entries(1, len(expected))
-    await store.compact(KEY)  # deletes what the first one left
-    assert len(await s3.keys()) < len(before)
+    await store.append_batch(KEY, batch("pa", 60, 1, expect=59))
+    expected += entries(1, 60, tag="pa")
+    await store.compact(KEY)  # blanks what the first one left
+    assert len(await s3.holding()) < len(before)
     assert await s3.store().load(KEY) == expected
+    assert await s3.store().producer_mark(KEY, "pa") == 60
 
 
 async def test_load_is_right_after_a_crash_in_the_middle_of_compaction(
@@ -605,24 +649,25 @@ async def test_load_is_right_after_a_crash_in_the_middle_of_compaction(
 ) -> None:
     store = compacting_store(s3)
     expected = await fill(store, appends=40)
-    real_delete = store._delete_keys
+    real_blank = store._blank
 
-    async def crash_halfway(keys: list[str]) -> None:
-        await real_delete(keys[: len(keys) // 2])
+    async def crash_halfway(parts: list[Any]) -> None:
+        await real_blank(parts[: len(parts) // 2])
         raise RuntimeError("crashed")
 
-    monkeypatch.setattr(store, "_delete_keys", crash_halfway)
+    monkeypatch.setattr(store, "_blank", crash_halfway)
     with pytest.raises(RuntimeError, match="crashed"):
         await store.compact(KEY)
     monkeypatch.undo()
     assert await s3.store().load(KEY) == expected
     assert await s3.store().length(KEY) == len(expected)
+    assert await s3.store().producer_mark(KEY, "pa") == 78  # 40 batches: 79 entries
     # The next compaction reuses the segment (same range, same bytes) and cleans up.
     again = compacting_store(s3)
     await again.compact(KEY)
-    clean = await s3.keys()
+    clean = await s3.sizes("proj/sess/")
     await again.compact(KEY)
-    assert await s3.keys() == clean
+    assert await s3.sizes("proj/sess/") == clean
     assert await s3.store().load(KEY) == expected
 
 
@@ -648,20 +693,81 @@ async def test_background_compaction_after_compact_every_appends(s3: S3Env) -> N
 
 def _fewer_objects(s3: S3Env, count: int) -> Callable[[], Any]:
     async def check() -> bool:
-        return len(await s3.keys("proj/sess/parts/")) < count
+        return len(await s3.holding()) < count
 
     return check
 
 
 async def test_a_long_session_loads_from_few_objects(s3: S3Env) -> None:
     store = s3.store(compact_every=16, compaction_windows=(16, 256), compaction_fanin=4)
-    expected: list[Any] = []
     for i in range(200):
-        await store.append_at(KEY, i, entries(1, i))
-        expected += entries(1, i)
+        await store.append_batch(KEY, batch("pa", i, 1, expect=None if i == 0 else i - 1))
     await store.compact(KEY)
-    assert len(await s3.keys("proj/sess/parts/")) < 30
+    assert len(await s3.holding()) < 30
+    assert await s3.store().load(KEY) == entries(200, tag="pa")
+
+
+async def test_a_late_retry_after_a_compaction_is_a_no_op(s3: S3Env) -> None:
+    # contract 2: the write landed, its reply was lost, another host appended and
+    # compacted the part away (its seqs now live in a checkpoint), then the retry.
+    writer, other = s3.store(), compacting_store(s3)
+    await writer.append_batch(KEY, batch("pa", 0, 3))
+    expected = entries(3, tag="pa") + await fill(other, producer="pb")
+    await other.compact(KEY)
+    assert (await s3.sizes())["proj/sess/parts/000000000000.jsonl"] == 0  # blanked
+    for retrier in (writer, s3.store()):
+        assert await retrier.append_batch(KEY, batch("pa", 0, 3)) == Receipt(0, 2, len(expected))
     assert await s3.store().load(KEY) == expected
+
+
+async def test_a_stale_writer_after_another_hosts_compaction_loses_nothing(s3: S3Env) -> None:
+    # The offset the stale writer caches as the end was written by another host and
+    # compacted into a segment; the put there must fail, not land as a leftover.
+    stale, other = s3.store(length_cache_ttl=3600), compacting_store(s3)
+    await stale.append_batch(KEY, batch("pa", 0, 2))  # caches end 2
+    theirs = await fill(other, producer="pb")
+    await other.compact(KEY)
+    assert (await s3.sizes())["proj/sess/parts/000000000002.jsonl"] == 0  # covered
+    receipt = await stale.append_batch(KEY, batch("pa", 2, 2, expect=1))
+    assert receipt == Receipt(2, 3, 2 + len(theirs) + 2)
+    expected = entries(2, tag="pa") + theirs + entries(2, 2, tag="pa")
+    assert await s3.store().load(KEY) == expected
+    await stale.append(KEY, entries(1, tag="plain"))  # a plain append from a stale cache
+    assert await s3.store().load(KEY) == expected + entries(1, tag="plain")
+
+
+async def test_concurrent_compactions_while_another_host_appends_keep_marks_and_entries(
+    s3: S3Env,
+) -> None:
+    # Two hosts compact the same key at once (same segments, same checkpoints),
+    # while a third appends and retries; every entry stays once, every mark holds.
+    first, second = compacting_store(s3), compacting_store(s3)
+    appender = s3.store(compact_every=None)
+    expected = await fill(appender, producer="pa", appends=20)
+    seq = 40
+
+    async def append_more() -> None:
+        nonlocal seq, expected
+        for i in range(30):
+            count = 1 + i % 2
+            expect = None if seq == 40 else seq - 1
+            receipt = await appender.append_batch(KEY, batch("pb", seq, count, expect))
+            again = await appender.append_batch(KEY, batch("pb", seq, count, expect))
+            assert receipt.appended == count and again.appended == 0
+            expected += entries(count, seq, tag="pb")
+            seq += count
+
+    for _ in range(3):
+        await asyncio.gather(first.compact(KEY), second.compact(KEY), append_more())
+    assert await s3.store().load(KEY) == expected
+    fresh = s3.store()
+    assert await fresh.producer_mark(KEY, "pa") == 38  # 20 batches: 39 entries
+    assert await fresh.producer_mark(KEY, "pb") == seq - 1
+    assert (await fresh.append_batch(KEY, batch("pa", 0, 39))).appended == 0
+    assert (await fresh.append_batch(KEY, batch("pb", 40, seq - 40))).appended == 0
+    await first.compact(KEY)
+    assert await s3.store().load(KEY) == expected
+    assert await s3.store().producer_mark(KEY, "pb") == seq - 1
 
 
 # --- Summaries ------------------------------------------------------------
@@ -694,10 +800,10 @@ def stamped(n: int, start: int = 0) -> list[Any]:
 
 async def test_summary_folds_each_stored_entry_once(s3: S3Env) -> None:
     store = s3.store()
-    await store.append_at(KEY, 0, stamped(3))
-    await store.append_at(KEY, 0, stamped(3))  # a repeat
-    await store.append_at(KEY, 2, stamped(4, 2))  # overlap: 2 new
-    await store.append_at(KEY, 6, stamped(1, 6))
+    await store.append_batch(KEY, Batch.of("pa", 0, stamped(3)))
+    await store.append_batch(KEY, Batch.of("pa", 0, stamped(3)))  # a repeat
+    await store.append_batch(KEY, Batch.of("pa", 2, stamped(4, 2), expect=2))  # 2 new
+    await store.append(KEY, stamped(1, 6))
     await store.append(SUB, stamped(2, 40))  # subagents do not count
     summary = await summary_of(store)
     assert summary["data"] == folded([stamped(7)])
@@ -709,14 +815,14 @@ async def test_summary_folds_each_stored_entry_once(s3: S3Env) -> None:
 
 async def test_a_sidecar_left_behind_by_a_crash_catches_up(s3: S3Env) -> None:
     store = s3.store()
-    await store.append_at(KEY, 0, stamped(2))
+    await store.append(KEY, stamped(2))
     await store.close()
     # A process stored a part and died before its sidecar write.
     await s3.put(
         "proj/sess/parts/000000000002.jsonl", jsonl(stamped(3, 2)), Metadata={"entries": "3"}
     )
     other = s3.store(compact_every=None, compaction_windows=(4,), compaction_fanin=2)
-    assert await other.append_at(KEY, 5, stamped(1, 5)) == 6
+    assert (await other.append_batch(KEY, Batch.of("pa", 5, stamped(1, 5)))).length == 6
     assert (await summary_of(other))["data"] == folded([stamped(6)])
     # Catching up reads compacted segments too.
     await s3.put(
@@ -724,7 +830,7 @@ async def test_a_sidecar_left_behind_by_a_crash_catches_up(s3: S3Env) -> None:
     )
     await other.compact(KEY)
     third = s3.store()
-    assert await third.append_at(KEY, 9, stamped(1, 9)) == 10
+    assert (await third.append_batch(KEY, Batch.of("pa", 9, stamped(1, 9)))).length == 10
     assert (await summary_of(third))["data"] == folded([stamped(10)])
 
 
@@ -752,7 +858,7 @@ async def test_a_new_transcript_does_not_inherit_an_old_sidecar(s3: S3Env) -> No
 async def test_summary_writes_are_coalesced(s3: S3Env) -> None:
     store = s3.store(summary_delay=60)
     for i in range(5):
-        await store.append_at(KEY, i, stamped(1, i))
+        await store.append(KEY, stamped(1, i))
     assert "proj/@summaries/sess.json" not in await s3.keys()  # still pending
     assert (await summary_of(store))["data"] == folded([stamped(5)])  # listing writes it
 
@@ -819,73 +925,45 @@ async def _retried(store: DurableSessionStore) -> bool:
     return bool(status["backends"][0]["retries"])
 
 
-async def test_a_restarted_server_that_lost_data_parks_keys_never_leaves_a_hole(
-    make_durable: Make,
-) -> None:
+async def test_a_restarted_server_that_lost_data_says_mark_behind() -> None:
     # moto keeps objects in memory: after a SIGKILL and a restart it has lost
-    # everything, bucket included. walmirror must not write the rest of a
-    # transcript whose start is gone: such keys park with OffsetGapError (an
-    # operator decides); keys whose whole history was still queued deliver in
-    # full, exactly once. A fault proxy in reset mode keeps the flusher off
-    # while the operator recreates the bucket (a missing bucket parks keys too).
+    # everything, marks included. A producer that was told its entries were stored
+    # (expect) learns the backend lost them, and nothing is written after the hole.
     server = MotoServer()
     server.start()
-    proxy = await FaultProxy.start(server.host, server.port)
     prefix = f"walmirror-test-{uuid.uuid4().hex}/"
-    backend = await S3Store.connect(
-        BUCKET,
-        prefix,
-        endpoint_url=f"http://{proxy.host}:{proxy.port}",
-        session=SESSION,
-        config=IMPATIENT,
-        length_cache_ttl=3600,  # what saves us: transport errors drop cached lengths
-        **CREDENTIALS,
-    )
-    operator = await S3Store.connect(
-        BUCKET, prefix, endpoint_url=server.endpoint_url, session=SESSION, **CREDENTIALS
-    )
+
+    async def connect() -> S3Store:
+        return await S3Store.connect(
+            BUCKET,
+            prefix,
+            endpoint_url=server.endpoint_url,
+            session=SESSION,
+            config=IMPATIENT,
+            length_cache_ttl=0.0,  # confirm the cached end before every append
+            **CREDENTIALS,
+        )
+
+    store, operator = await connect(), await connect()
     try:
         await ensure_bucket(operator.client)
-        store = make_durable(backend, max_batch_entries=20, call_timeout=2.0)
-        delivered = [{"project_key": "proj", "session_id": f"a{i}"} for i in range(3)]
-        in_flight = [{"project_key": "proj", "session_id": f"b{i}"} for i in range(3)]
-        later = [{"project_key": "proj", "session_id": f"c{i}"} for i in range(3)]
-        sent: dict[str, list[Any]] = {}
-
-        async def append(key: SessionKey, count: int) -> None:
-            batch = entries(count, len(sent.get(key["session_id"], [])), tag=key["session_id"])
-            sent.setdefault(key["session_id"], []).extend(batch)
-            await store.append(key, batch)
-
-        for key in delivered:
-            await append(key, 40)
-        await store.flush(timeout=20)
-        for key in in_flight:  # their drain is under way when the server dies
-            await append(key, 200)
+        await store.append_batch(KEY, batch("pa", 0, 3))
         server.kill()
-        proxy.set_mode("reset")
-        for key in delivered + later:
-            await append(key, 30)
-        await wait_for(lambda: _retried(store))
         server.start()  # same port, nothing in it
         await ensure_bucket(operator.client)
-        proxy.set_mode("pass")
-
-        with pytest.raises(FlushBlockedError):
-            await store.flush(timeout=30)
-        status = (await store.status())["backends"][0]
-        parked = {p["key"]["session_id"]: p["error"] for p in status["parked"]}
-        assert {k["session_id"] for k in delivered} <= set(parked)
-        assert not {k["session_id"] for k in later} & set(parked)
-        assert all("OffsetGapError" in error for error in parked.values()), parked
-        for key in delivered + in_flight + later:
-            stored = await operator.load(key)
-            if key["session_id"] in parked:
-                assert stored is None  # nothing written after the hole
-            else:
-                assert stored == sent[key["session_id"]]  # complete, exactly once
+        with pytest.raises(MarkBehindError) as caught:
+            for _ in range(3):  # the first call may meet the dead connection
+                try:
+                    await store.append_batch(KEY, batch("pa", 3, 2, expect=2))
+                except MarkBehindError:
+                    raise
+                except Exception:
+                    continue
+        assert caught.value.mark is None and caught.value.expect == 2
+        assert await operator.load(KEY) is None
+        with pytest.raises(MarkBehindError):  # a store that never cached the key agrees
+            await operator.append_batch(KEY, batch("pa", 3, 2, expect=2))
     finally:
-        await backend.close()
+        await store.close()
         await operator.close()
-        await proxy.close()
         server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -546,7 +547,7 @@ async def test_wrapping_a_backend_in_faults_keeps_its_cursor(tmp_path: Path) -> 
     assert await FileStore(root).load(KEY) == entries(5)
 
 
-async def test_the_flusher_hands_its_bytes_to_a_backend_that_takes_them(
+async def test_the_flusher_hands_the_queue_bytes_to_the_backend(
     make_durable: Make, tmp_path: Path
 ) -> None:
     from walmirror.backends.file import FileStore
@@ -554,9 +555,9 @@ async def test_the_flusher_hands_its_bytes_to_a_backend_that_takes_them(
     seen: list[list[bytes]] = []
 
     class Spy(FileStore):
-        async def append_at(self, key: Any, offset: int, batch: Any, *, encoded: Any = None) -> int:
-            seen.append(list(encoded))
-            return await super().append_at(key, offset, batch, encoded=encoded)
+        async def append_batch(self, key: Any, batch: Any) -> Any:
+            seen.append(list(batch.encoded))
+            return await super().append_batch(key, batch)
 
     store = make_durable(Spy(tmp_path / "files"))
     await store.append(KEY, entries(3))
@@ -565,32 +566,30 @@ async def test_the_flusher_hands_its_bytes_to_a_backend_that_takes_them(
     assert await FileStore(tmp_path / "files").load(KEY) == entries(3)
 
 
-async def test_requeue_after_backend_data_loss_does_not_continue_a_truncated_transcript(
+async def test_a_key_the_backend_lost_is_restored_from_the_queue_without_a_park(
     make_durable: Make, tmp_path: Path
 ) -> None:
+    # contract 2: a backend that lost acknowledged data is repaired from the queue.
     from walmirror.backends.file import FileStore
 
     files = FileStore(tmp_path / "files")
     store = make_durable(files)
     await store.append(KEY, entries(3))
     await store.flush(timeout=10)
-    await FileStore(tmp_path / "files").delete(KEY)  # the backend loses the key behind our back
+    shutil.rmtree(tmp_path / "files")  # the backend loses everything behind our back
     await store.append(KEY, entries(5))
-    with pytest.raises(FlushBlockedError):
-        await store.flush(timeout=10)
-    assert await store.requeue(KEY) == 1
-    with pytest.raises(FlushBlockedError):  # parked again: e3, e4 alone would hide the loss
-        await store.flush(timeout=10)
-    assert await files.load(KEY) is None
-    (parked,) = (await store.status())["backends"][0]["parked"]
-    assert parked["error"].startswith("OffsetGapError")
+    await store.flush(timeout=10)
+    assert await files.load(KEY) == entries(5)
+    (backend,) = (await store.status())["backends"]
+    assert backend["parked"] == []
+    assert [(loss["restored"], loss["lost"]) for loss in backend["losses"]] == [(3, 0)]
 
 
 async def test_a_renamed_backend_cursor_does_not_resend_what_the_backend_holds(
     tmp_path: Path,
 ) -> None:
     # contract 2: the same backend under a new cursor name (re-addressed, renamed)
-    # finds its own entries by uuid instead of appending them again.
+    # skips this queue's entries by its producer mark instead of appending them again.
     from walmirror.backends.file import FileStore
 
     root = tmp_path / "files"
