@@ -27,99 +27,35 @@ restore (and what it restored). Entries acknowledged by every configured
 backend are deleted by ``compact`` after the retention period; the ``uuids``
 ledger stays until the key is deleted so a replayed entry is still recognised.
 
-Concurrency: SQLite connections belong to one thread each. The queue owns two,
-each on its own single-thread executor: the writer (every transaction) and
-the reader (WAL lets it read a consistent snapshot while the writer commits).
-Appends from many sessions are gathered while a commit is in flight and
-written by the next one (group commit), so one fsync covers many callers.
-A second process is kept out by an exclusive ``flock`` on ``<queue>.lock``.
+Concurrency: the queue owns two SQLite connections (``walmirror.connection``),
+each on its own thread: the writer (every transaction) and the reader (WAL
+lets it read a consistent snapshot while the writer commits). Appends from
+many sessions are gathered while a commit is in flight and written by the
+next one (group commit), so one fsync covers many callers. The file itself,
+its lock (one process per queue file) and its schema migrations are
+``walmirror.schema``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import SimpleQueue
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 from claude_agent_sdk.types import SessionKey
 
-from .errors import CorruptQueueError, QueueClosedError, QueueFullError, QueueLockedError
-
-SCHEMA_VERSION = 2
-
-# Each step moves the schema from version i to i + 1; run in one transaction.
-MIGRATIONS: list[list[str]] = [
-    [
-        """CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
-        """CREATE TABLE keys (
-            key_id INTEGER PRIMARY KEY,
-            project_key TEXT NOT NULL,
-            session_id TEXT NOT NULL,
-            subpath TEXT NOT NULL,
-            next_seq INTEGER NOT NULL DEFAULT 0,
-            updated_at REAL NOT NULL,
-            UNIQUE (project_key, session_id, subpath))""",
-        """CREATE TABLE entries (
-            id INTEGER PRIMARY KEY,
-            key_id INTEGER NOT NULL,
-            seq INTEGER NOT NULL,
-            appended_at REAL NOT NULL,
-            nbytes INTEGER NOT NULL,
-            body BLOB NOT NULL,
-            UNIQUE (key_id, seq))""",
-        """CREATE TABLE uuids (
-            key_id INTEGER NOT NULL, uuid TEXT NOT NULL,
-            PRIMARY KEY (key_id, uuid)) WITHOUT ROWID""",
-        """CREATE TABLE cursors (
-            backend TEXT NOT NULL, key_id INTEGER NOT NULL,
-            base INTEGER, acked INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (backend, key_id)) WITHOUT ROWID""",
-        """CREATE INDEX cursors_by_key ON cursors (key_id)""",
-        """CREATE TABLE parked (
-            backend TEXT NOT NULL, key_id INTEGER NOT NULL,
-            error TEXT NOT NULL, parked_at REAL NOT NULL,
-            PRIMARY KEY (backend, key_id)) WITHOUT ROWID""",
-        """CREATE TABLE tombstones (
-            id INTEGER PRIMARY KEY, backend TEXT NOT NULL,
-            project_key TEXT NOT NULL, session_id TEXT NOT NULL,
-            subpath TEXT NOT NULL, created_at REAL NOT NULL)""",
-    ],
-    # 1 -> 2: the producer protocol. Cursors count seqs instead of offsets; a
-    # schema-1 cursor keeps its offset base so its first delivery can tell what
-    # the backend already holds (``Flusher._reconcile_legacy``).
-    [
-        """ALTER TABLE keys ADD COLUMN first_seq INTEGER NOT NULL DEFAULT 0""",
-        """ALTER TABLE cursors RENAME COLUMN base TO legacy_base""",
-        """ALTER TABLE cursors ADD COLUMN confirmed INTEGER""",
-        """ALTER TABLE cursors ADD COLUMN solo_length INTEGER""",
-        """UPDATE cursors SET legacy_base = NULL WHERE acked >= (
-            SELECT next_seq FROM keys WHERE keys.key_id = cursors.key_id)""",
-        """CREATE TABLE losses (
-            id INTEGER PRIMARY KEY, backend TEXT NOT NULL,
-            project_key TEXT NOT NULL, session_id TEXT NOT NULL, subpath TEXT NOT NULL,
-            first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-            restored INTEGER NOT NULL, detected_at REAL NOT NULL)""",
-        """INSERT OR IGNORE INTO meta (name, value) VALUES ('seq_floor', '0')""",
-        """INSERT OR IGNORE INTO meta (name, value)
-           VALUES ('producer_id', lower(hex(randomblob(12))))""",
-    ],
-]
-
-T = TypeVar("T")
+from .connection import Connection, Synchronous, settle
+from .errors import CorruptQueueError, QueueClosedError, QueueFullError
+from .schema import QueueFile
 
 logger = logging.getLogger("walmirror.queue")
-
-Synchronous = Literal["FULL", "NORMAL"]
 
 
 @dataclass(frozen=True)
@@ -240,87 +176,6 @@ class _AppendRequest:
     future: asyncio.Future[int]
 
 
-class _Connection:
-    """One sqlite3 connection owned by one thread, fed by a queue of jobs (the aiosqlite
-    design), where a job is a whole function: a transaction of many statements costs one
-    hop to the thread and one back, not one per statement."""
-
-    def __init__(self, path: Path, synchronous: Synchronous, name: str) -> None:
-        self._path = path
-        self._synchronous = synchronous
-        self._name = name
-        self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                job()
-            except RuntimeError:
-                # The loop that asked is closed (a store left open when its event
-                # loop ended): nobody waits for this answer. Keep serving.
-                logger.debug("%s: a job's event loop is closed", self._name)
-
-    def _open(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 5000")
-        # journal_mode changes the file: it is set by _migrate, once the file is known
-        # to be ours (a foreign database must be left byte for byte as it was).
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        self._conn = conn
-
-    async def open(self) -> None:
-        self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
-        self._thread.start()
-        await self.run(self._open)
-
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run ``job`` on the connection's thread; it reports back on its own."""
-        self._jobs.put(job)
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._thread is None:  # a job nobody would ever run: fail now, not hang
-            raise QueueClosedError(f"the queue's {self._name} connection is not open")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-
-        def job() -> None:
-            try:
-                result = fn(*args)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
-
-        self._jobs.put(job)
-        return await future
-
-    @property
-    def conn(self) -> sqlite3.Connection:
-        assert self._conn is not None, "connection used before open()"
-        return self._conn
-
-    async def close(self) -> None:
-        if self._thread is None:
-            return
-        if self._conn is not None:
-            await self.run(self._conn.close)
-            self._conn = None
-        self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled; the work is done all the same
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 class WriteAheadQueue:
     """The local SQLite queue. All methods are coroutines; SQLite work runs off the event loop."""
 
@@ -334,9 +189,9 @@ class WriteAheadQueue:
         self.path = Path(path)
         self.synchronous = synchronous
         self.max_bytes = max_bytes
-        self._writer = _Connection(self.path, synchronous, "walmirror-writer")
-        self._reader = _Connection(self.path, synchronous, "walmirror-reader")
-        self._lock_fd: int | None = None
+        self._writer = Connection(self.path, synchronous, "walmirror-writer")
+        self._reader = Connection(self.path, synchronous, "walmirror-reader")
+        self._file = QueueFile(self.path)
         self._backends: tuple[str, ...] = ()
         self._pending: deque[_AppendRequest] = deque()  # appended on the loop, taken by the writer
         # Writer-thread state: (project, session, subpath) -> [key_id, next_seq].
@@ -352,24 +207,24 @@ class WriteAheadQueue:
 
     async def open(self, backends: Iterable[str]) -> None:
         self._backends = tuple(backends)
-        self._take_lock()
+        self._file.lock()
         try:
-            self._create_file()
+            self._file.check_header()
             await self._writer.open()
-            await self._writer.run(self._migrate)
+            await self._writer.run(lambda: self._file.migrate(self._writer.conn, self._backends))
             await self._reader.open()
             self.stored_bytes = await self._writer.run(self._sum_bytes)
             self.producer_id, self._seq_floor = await self._writer.run(self._producer_state)
         except sqlite3.DatabaseError as exc:
             await self._close_connections()
-            self._release_lock()
+            self._file.unlock()
             raise CorruptQueueError(
                 f"queue file {self.path} is not a readable walmirror queue ({exc}); "
                 "it was left untouched"
             ) from exc
         except BaseException:
             await self._close_connections()
-            self._release_lock()
+            self._file.unlock()
             raise
 
     async def close(self) -> None:
@@ -379,97 +234,11 @@ class WriteAheadQueue:
         if self._pending:  # let the commit in flight finish and report
             await self._writer.run(lambda: None)
         await self._close_connections()
-        self._release_lock()
+        self._file.unlock()
 
     async def _close_connections(self) -> None:
         await self._writer.close()
         await self._reader.close()
-
-    def _take_lock(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise QueueLockedError(
-                f"queue file {self.path} is in use by another process (pid {holder}); "
-                "give each process its own wal_path"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
-            self._lock_fd = None
-
-    def _create_file(self) -> None:
-        # Create the file ourselves so it is private (0600) from the first byte;
-        # SQLite gives its -wal and -shm files the same mode.
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-        elif self.path.stat().st_size > 0:
-            with open(self.path, "rb") as f:
-                if f.read(16) != b"SQLite format 3\x00":
-                    raise CorruptQueueError(
-                        f"queue file {self.path} is not a SQLite database; it was left untouched"
-                    )
-
-    def _migrate(self) -> None:
-        conn = self._writer.conn
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables and "meta" not in tables:
-            raise CorruptQueueError(
-                f"{self.path} is a SQLite database but not a walmirror queue; it was left untouched"
-            )
-        version = 0
-        if "meta" in tables:
-            row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise CorruptQueueError(
-                f"queue file {self.path} has schema version {version}, newer than this "
-                f"walmirror understands ({SCHEMA_VERSION}); upgrade walmirror"
-            )
-        conn.execute("PRAGMA journal_mode = WAL")
-        if version < SCHEMA_VERSION:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for step in MIGRATIONS[version:]:
-                    for statement in step:
-                        conn.execute(statement)
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        # A backend added since the last run gets a cursor for every key.
-        conn.execute("BEGIN IMMEDIATE")
-        for backend in self._backends:
-            conn.execute(
-                "INSERT OR IGNORE INTO cursors (backend, key_id, acked)"
-                " SELECT ?, key_id, first_seq FROM keys",
-                (backend,),
-            )
-        conn.execute("COMMIT")
-        known = {r[0] for r in conn.execute("SELECT DISTINCT backend FROM cursors")}
-        for stale in sorted(known - set(self._backends)):
-            logger.warning(
-                "queue %s has a cursor for backend %r, which this store was not given; "
-                "entries it has not acknowledged are kept (compaction waits for it)",
-                self.path,
-                stale,
-            )
-        ok = conn.execute("PRAGMA quick_check").fetchone()
-        if ok is None or ok[0] != "ok":
-            raise CorruptQueueError(f"queue file {self.path} failed SQLite's integrity check")
 
     def _producer_state(self) -> tuple[str, int]:
         meta = dict(self._writer.conn.execute("SELECT name, value FROM meta"))
@@ -539,7 +308,7 @@ class WriteAheadQueue:
     ) -> None:
         self._queued_bytes -= sum(r.nbytes for r in group)
         for i, request in enumerate(group):
-            _settle(request.future, None if results is None else results[i], error)
+            settle(request.future, None if results is None else results[i], error)
         if results is not None and self.on_commit is not None:
             self.on_commit()
 

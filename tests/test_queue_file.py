@@ -412,7 +412,7 @@ async def test_queue_file_is_in_wal_mode(tmp_path: Path, make_durable: MakeDurab
 def _write_schema_1_queue(path: Path, acked: int, appended: int) -> None:
     """A queue file as walmirror 0.1 left it: one key, ``appended`` entries, a cursor
     that acknowledged ``acked`` of them at offset base 0."""
-    from walmirror.queue import MIGRATIONS
+    from walmirror.schema import MIGRATIONS
 
     conn = sqlite3.connect(path)
     for statement in MIGRATIONS[0]:
@@ -437,7 +437,7 @@ async def test_a_schema_1_queue_is_migrated_and_its_in_doubt_entries_are_not_res
     # protocol whose replies were lost, 1 never sent. Entries carry no uuid.
     from memory_store import MemoryStore
 
-    from walmirror.queue import SCHEMA_VERSION
+    from walmirror.schema import SCHEMA_VERSION
 
     key = {"project_key": "proj", "session_id": "legacy"}
     backend = MemoryStore()

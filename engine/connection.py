@@ -1,0 +1,108 @@
+"""One sqlite3 connection owned by one thread, fed by a queue of jobs.
+
+The aiosqlite design: SQLite connections belong to the thread that made them,
+so each ``Connection`` runs its own thread, and a coroutine hands it whole
+functions (``run``). A job is a whole transaction of many statements: it costs
+one hop to the thread and one back, not one per statement. ``submit`` hands a
+job that reports back on its own (group commit uses it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from queue import SimpleQueue
+from typing import Any, Literal, TypeVar
+
+from .errors import QueueClosedError
+
+T = TypeVar("T")
+
+Synchronous = Literal["FULL", "NORMAL"]
+
+logger = logging.getLogger("walmirror.queue")
+
+
+class Connection:
+    """One sqlite3 connection owned by one thread, fed by a queue of jobs (the aiosqlite
+    design), where a job is a whole function: a transaction of many statements costs one
+    hop to the thread and one back, not one per statement."""
+
+    def __init__(self, path: Path, synchronous: Synchronous, name: str) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._name = name
+        self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except RuntimeError:
+                # The loop that asked is closed (a store left open when its event
+                # loop ended): nobody waits for this answer. Keep serving.
+                logger.debug("%s: a job's event loop is closed", self._name)
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        # journal_mode changes the file: it is set by _migrate, once the file is known
+        # to be ours (a foreign database must be left byte for byte as it was).
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        self._conn = conn
+
+    async def open(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+        self._thread.start()
+        await self.run(self._open)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the connection's thread; it reports back on its own."""
+        self._jobs.put(job)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:  # a job nobody would ever run: fail now, not hang
+            raise QueueClosedError(f"the queue's {self._name} connection is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(settle, future, result, None)
+
+        self._jobs.put(job)
+        return await future
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "connection used before open()"
+        return self._conn
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        if self._conn is not None:
+            await self.run(self._conn.close)
+            self._conn = None
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled; the work is done all the same
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
