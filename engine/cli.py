@@ -333,6 +333,17 @@ async def status(args: argparse.Namespace) -> int:
                     "pending_deletes": stats.pending_deletes,
                     "lag_seconds": round(stats.lag_seconds, 3),
                     "parked": [{**p, "key_text": describe_key(p["key"])} for p in stats.parked],
+                    # What the backend lost after acknowledging it (restored or not).
+                    "losses": [
+                        {
+                            "key_text": describe_key(loss.key),
+                            "seqs": [loss.first_seq, loss.last_seq],
+                            "restored": loss.restored,
+                            "lost": loss.lost,
+                            "detected_at": loss.detected_at,
+                        }
+                        for loss in stats.losses
+                    ],
                 }
             )
     finally:
@@ -371,6 +382,12 @@ def _print_status(report: dict[str, Any]) -> None:
         for p in b["parked"]:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["parked_at"]))
             print(f"parked on {b['name']}: {p['key_text']} since {since}: {p['error']}")
+        for loss in b["losses"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["detected_at"]))
+            print(
+                f"{b['name']} lost acknowledged entries of {loss['key_text']} ({when}): "
+                f"{loss['restored']} re-sent from the queue, {loss['lost']} no longer held"
+            )
 
 
 # -- drain ----------------------------------------------------------------------------

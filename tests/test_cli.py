@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -276,3 +277,37 @@ def test_demo_checker_catches_loss_duplicates_and_reordering() -> None:
     assert compare(sent, [b, a, c, d]).out_of_order == 2
     altered = {**c, "message": {"content": "changed"}}
     assert compare(sent, [a, b, altered, d]).out_of_order == 1
+
+
+# -- a backend that lost data -----------------------------------------------------------
+
+
+async def _lose_backend_data(queue: Path, root: Path) -> None:
+    """Deliver 4 entries, compact them away, wipe the backend, deliver 1 more."""
+    store = DurableSessionStore(
+        FileStore(root), queue, retention_seconds=0.0, compact_interval=0.05, backoff_max=0.1
+    )
+    async with store:
+        await store.append(MAIN, [{"type": "user", "uuid": f"l{i}"} for i in range(4)])
+        await store.flush(timeout=30)
+        async with asyncio.timeout(10):
+            while (await store.status())["queue"]["stored_bytes"]:
+                await asyncio.sleep(0.02)
+        shutil.rmtree(root)
+        await store.append(MAIN, [{"type": "user", "uuid": "after"}])
+        await store.flush(timeout=30)
+
+
+def test_status_reports_what_a_backend_lost_and_the_queue_could_not_restore(
+    tmp_path: Path,
+) -> None:
+    # contract 2: a loss is reported, never silent; verify counts it too.
+    queue, root = tmp_path / "queue.db", tmp_path / "backend"
+    asyncio.run(_lose_backend_data(queue, root))
+    status = json.loads(cli("status", "--queue", str(queue), "--json").stdout)
+    [loss] = status["backends"][0]["losses"]
+    assert loss["key_text"] == "proj/s1" and loss["lost"] == 4 and loss["restored"] == 0
+    text = cli("status", "--queue", str(queue)).stdout
+    assert "0 re-sent from the queue, 4 no longer held" in text
+    result = cli("verify", *store_args(queue, root))
+    assert result.returncode == 1 and "lost by the backend" in result.stdout
