@@ -29,13 +29,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from claude_agent_sdk.types import SessionKey
+
 from walmirror import DurableSessionStore
 from walmirror.faults import FaultyStore
 
 from .drain import Moto, boto3_client, walmirror_backend
 
-KEY = {"project_key": "bench", "session_id": "pool"}
-SUB = {**KEY, "subpath": "subagents/agent-1"}
+KEY: SessionKey = {"project_key": "bench", "session_id": "pool"}
+SUB: SessionKey = {**KEY, "subpath": "subagents/agent-1"}
 TUNING = {"backoff_initial": 0.01, "backoff_max": 0.1, "call_timeout": 5.0}
 
 
@@ -115,7 +117,8 @@ async def concurrent(connect: Any, tmp: Path) -> dict[str, int]:
     sent: dict[str, list[Any]] = {}
 
     async def write(index: int, store: DurableSessionStore) -> None:
-        rng, name, mine = random.Random(index), f"w{index}", []
+        rng, name = random.Random(index), f"w{index}"
+        mine: list[dict[str, Any]] = []
         while len(mine) < 150:
             batch = _entries(name, len(mine), min(rng.randint(1, 5), 150 - len(mine)))
             mine += batch
@@ -144,7 +147,7 @@ async def run(kinds: list[str]) -> list[tuple[str, str, dict[str, int], float]]:
         for kind in kinds:
             for scenario in (ping_pong, concurrent):
                 tag = f"hosts{random.randrange(1 << 30):x}"
-                cleanups = []
+                cleanups: list[Any] = []
                 with tempfile.TemporaryDirectory(prefix="walmirror-hosts-") as tmp:
 
                     async def connect(
