@@ -252,7 +252,12 @@ class Flusher:
             same = ident[:2] == (deleted["project_key"], deleted["session_id"])
             if same and deleted.get("subpath") in (None, ident[2]):
                 fence = Batch(batch.producer, batch.first_seq, batch.encoded, None)
-                await self._call("append_batch", backend.append_batch(session_key, fence))
+                try:
+                    await self._call("append_batch", backend.append_batch(session_key, fence))
+                except Exception as exc:
+                    if not self.tuning.is_permanent(exc):
+                        raise  # the delete waits: retried with backoff
+                    # Refused for good: it cannot land later either.
                 del self._in_doubt[ident]
 
     # -- one key ---------------------------------------------------------------
