@@ -769,10 +769,15 @@ FAULTS = (
 """What a client sees of a network fault or a server crash."""
 
 
-async def deliver(store: PostgresStore, key: SessionKey, sent: Batch, tries: int = 50) -> Receipt:
+async def deliver(
+    store: PostgresStore, key: SessionKey, sent: Batch, patience: float = 60.0
+) -> Receipt:
     """Send ``sent`` until a call succeeds, as the flusher does: every retry is
-    the same batch, so whichever earlier call landed, it lands once."""
-    for _ in range(tries - 1):
+    the same batch, so whichever earlier call landed, it lands once. A server
+    in crash recovery may refuse connections for a while on a busy machine:
+    ``patience`` seconds, not a number of tries."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
         try:
             return await store.append_batch(key, sent)
         except FAULTS:
