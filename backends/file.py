@@ -19,6 +19,7 @@ the CLI itself. Beside each transcript, in the hidden ``.walmirror``
 directory, one small *state file* (never ``.jsonl``, so the CLI ignores it)::
 
     {"size": 5120, "lines": 17,            the transcript bytes and entries it describes
+     "tail": "9f86d0...",                  a digest of the last 4 KiB of those bytes
      "marks": {"<producer>": 41, ...},     the protocol's marks (walmirror.protocol)
      "summary": {...}}                     main keys: the SessionSummaryEntry of those lines
 
@@ -31,8 +32,9 @@ can never be behind or ahead of the transcript. State files are replaced atomica
 The atomic step (``append_batch``; see ``walmirror.protocol``), under the
 transcript's lock:
 
-0. Recover. A transcript longer than the state's ``size`` ends with lines of a
-   call that crashed before its state write: never acknowledged, so they are
+0. Recover. A transcript longer than the state's ``size`` whose first ``size``
+   bytes still end with the ``tail`` the state recorded ends with lines of a call
+   that crashed before its state write: never acknowledged, so they are
    truncated away (every call that locks a transcript does this first).
 1. ``mark`` := ``marks[producer]``; ``skip_count`` raises ``MarkBehindError``
    or says how many leading entries are repeats.
@@ -47,9 +49,14 @@ grows, so a crash between 2 and 3 always finds a state to roll back to. Plain
 
 Marks unknown: when the state does not describe the transcript (no state file
 beside a non-empty transcript: written by the CLI, an older FileStore, or its
-state deleted by hand; or a transcript shorter than ``size``: truncated,
-deleted or restored from an older copy by hand), the store adopts the
-transcript as it is, with no marks and a summary rebuilt from its lines. A
+state deleted by hand; a transcript shorter than ``size``: truncated, deleted
+or restored from an older copy by hand; or one whose bytes up to ``size`` do
+not end with the recorded ``tail``: deleted and written again by another
+program, even into the same inode and to the same size), the store adopts the
+transcript as it is, with no marks and a summary rebuilt from its lines. The
+check is by content, not by inode or timestamps: ext4 hands a deleted file's
+inode to the next file, and a copy (``cp -a``, ``rsync``) of the root changes
+inodes but is still the same transcript. A
 producer whose batch carries ``expect`` then gets ``MarkBehindError`` (the
 backend lost what it acknowledged); a batch without ``expect`` is appended.
 So remove state files only together with their transcripts, and let every
@@ -74,15 +81,32 @@ Durability and concurrency (``root`` may be a volume shared between hosts):
 
 * Every operation on a transcript holds an exclusive ``flock`` on it (``flock``
   is emulated with POSIX locks on NFS, so hosts serialise too) and an
-  ``asyncio.Lock`` per file in the process, so waiting never ties up threads.
-  After locking, the descriptor is checked against the path: a file deleted
-  while we waited is reopened, never written to. A key without a transcript
-  gets an empty one to lock, removed again if nothing was written.
+  ``asyncio.Lock`` per file in the process, so a process has at most one thread
+  waiting per file. After locking, the descriptor is checked against the path:
+  a file deleted while we waited is reopened, never written to. A key without a
+  transcript gets an empty one to lock, removed again if nothing was written.
+* Lock waits are bounded and cancellable: the lock is polled (``LOCK_NB``,
+  sleeps growing from 1 ms to 50 ms) for at most ``lock_timeout`` seconds, then
+  ``TranscriptLockTimeoutError`` (retryable; nothing was written). A caller
+  cancelled while waiting (the engine's ``call_timeout``) stops the wait at once
+  and frees its thread; once the lock is held, the operation completes.
 * A crash mid-write leaves bytes past ``size``, removed by step 0; creating a
   file or directory fsyncs its parent directory.
-* All blocking I/O runs in ``asyncio.to_thread``.
+* All blocking I/O runs on the store's own pool of at most ``max_threads``
+  threads, never the event loop's default executor: a stuck file cannot starve
+  walmirror's queue or anyone else. ``aclose()`` shuts the pool down (a later
+  call starts a new one).
 * Session ids and subpath directories must not end in ``.jsonl`` or
   ``.state.json``: such a directory would collide with a file of this layout.
+
+Errors of the filesystem come back as walmirror errors naming the key, never
+transcript content: ``KeyTooLongError`` (``ENAMETOOLONG``: a session id or
+subpath longer than this filesystem's names allow; permanent, and an
+``InvalidKeyError``; reads of such a key find nothing),
+``ReadOnlyFileSystemError`` (``EROFS``) and ``FileStorePermissionError``
+(``EACCES``, ``EPERM``), both permanent: the engine parks the key; and
+``FileSystemFullError`` (``ENOSPC``, ``EDQUOT``), retryable. Each is also the
+``OSError`` it replaces, with its ``errno``.
 
 ``length`` (entries stored) reads the state file: O(1).
 """
@@ -90,17 +114,23 @@ Durability and concurrency (``root`` may be a volume shared between hosts):
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
+import threading
+import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeGuard, cast, overload
+from typing import Any, Literal, TypeGuard, TypeVar, cast, overload
 
 from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.types import (
@@ -112,11 +142,29 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
-from walmirror.errors import CorruptTranscriptError, InvalidEntryError, InvalidKeyError
+from walmirror.errors import (
+    BackendError,
+    CorruptTranscriptError,
+    InvalidEntryError,
+    InvalidKeyError,
+    PermanentBackendError,
+    WalmirrorError,
+)
 from walmirror.keys import describe_key, validate_key
 from walmirror.protocol import Batch, Receipt, check_batch, encode_entry, skip_count
 
-__all__ = ["SIDECAR_DIR", "CorruptTranscriptError", "FileStore"]
+__all__ = [
+    "SIDECAR_DIR",
+    "CorruptTranscriptError",
+    "FileStore",
+    "FileStorePermissionError",
+    "FileSystemFullError",
+    "KeyTooLongError",
+    "ReadOnlyFileSystemError",
+    "TranscriptLockTimeoutError",
+]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +175,37 @@ _JSONL = ".jsonl"
 _STATE = ".state.json"
 _CHUNK = 1 << 20  # read size when scanning files
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+_TAIL = 4096  # bytes before a state's ``size`` that its ``tail`` digest covers
+_POLL_FIRST, _POLL_MAX = 0.001, 0.05  # lock polling: first sleep, longest sleep
+
+
+class TranscriptLockTimeoutError(BackendError, TimeoutError):
+    """Another process held a transcript's lock for longer than ``lock_timeout``.
+
+    Nothing was written; retrying is safe and may succeed once the holder is done.
+    """
+
+
+class KeyTooLongError(PermanentBackendError, InvalidKeyError):
+    """A session id or subpath makes a file name longer than the filesystem allows.
+
+    Permanent: no retry can store the key on this filesystem (the engine parks it).
+    """
+
+
+class ReadOnlyFileSystemError(PermanentBackendError, OSError):
+    """The store's root is on a read-only filesystem (``EROFS``)."""
+
+
+class FileStorePermissionError(PermanentBackendError, PermissionError):
+    """The process may not write under the store's root (``EACCES``, ``EPERM``)."""
+
+
+class FileSystemFullError(BackendError, OSError):
+    """No space (or quota) left under the store's root (``ENOSPC``, ``EDQUOT``).
+
+    Nothing of the call was acknowledged; retryable once space is freed.
+    """
 
 
 @dataclass(slots=True)
@@ -137,6 +216,20 @@ class _State:
     lines: int = 0
     marks: dict[str, int] = field(default_factory=dict)
     summary: SessionSummaryEntry | None = None
+    tail: str | None = None  # digest of the bytes before ``size``; None: size 0, or unknown
+
+
+@dataclass(slots=True)
+class _LockWait:
+    """How one call may wait for transcript locks: ``timeout`` seconds per lock, and
+    not at all once ``abandoned`` is set (its caller was cancelled)."""
+
+    timeout: float
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+
+class _Abandoned(Exception):
+    """Raised in a worker thread whose caller stopped waiting for it; nobody sees it."""
 
 
 class FileStore(SessionStore):
@@ -144,7 +237,10 @@ class FileStore(SessionStore):
 
     ``file_mode`` and ``dir_mode`` apply to files and directories this store
     creates (the process umask still applies). Transcripts hold conversation
-    content, so the defaults are owner-only.
+    content, so the defaults are owner-only. ``lock_timeout``: how long a call
+    waits for a transcript another process has locked before it raises
+    ``TranscriptLockTimeoutError``. ``max_threads``: the size of the store's own
+    thread pool for blocking file I/O.
     """
 
     def __init__(
@@ -153,12 +249,30 @@ class FileStore(SessionStore):
         *,
         file_mode: int = 0o600,
         dir_mode: int = 0o700,
+        lock_timeout: float = 10.0,
+        max_threads: int = 16,
     ) -> None:
+        if (
+            not isinstance(lock_timeout, int | float)
+            or isinstance(lock_timeout, bool)
+            or not math.isfinite(lock_timeout)
+            or lock_timeout <= 0
+        ):
+            raise ValueError(
+                f"lock_timeout must be a positive number of seconds, got {lock_timeout!r}"
+            )
+        if not isinstance(max_threads, int) or isinstance(max_threads, bool) or max_threads < 1:
+            raise ValueError(f"max_threads must be a positive integer, got {max_threads!r}")
         self._root = Path(os.path.abspath(root))
         self._file_mode = file_mode
         self._dir_mode = dir_mode
+        self._lock_timeout = float(lock_timeout)
+        self._max_threads = max_threads
         # One asyncio.Lock per transcript; dropped once nobody holds or awaits it.
         self._locks: weakref.WeakValueDictionary[Path, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Started on first use; its idle threads end when the store is collected.
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
 
     @property
     def root(self) -> Path:
@@ -185,37 +299,54 @@ class FileStore(SessionStore):
             return  # must not even create the file
         path = self._transcript_path(k)
         async with self._lock(path):
-            await asyncio.to_thread(self._append_sync, k, path, None, encoded, entries)
+            await self._run(
+                describe_key(k),
+                lambda wait: self._append_sync(wait, k, path, None, encoded, entries),
+            )
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         """All entries of ``key`` in order, or ``None`` if it holds none."""
         k = self._check_key(key)
         path = self._transcript_path(k)
         async with self._lock(path):
-            return await asyncio.to_thread(self._load_sync, k, path)
+            return await self._run(describe_key(k), lambda wait: self._load_sync(wait, k, path))
 
     async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
         """Main transcripts directly under the project directory; ``mtime`` in epoch ms."""
         project_dir = self._project_dir(project_key)
-        return await asyncio.to_thread(self._list_sessions_sync, project_key, project_dir)
+        return await self._run(
+            f"project {project_key}",
+            lambda _: self._list_sessions_sync(project_key, project_dir),
+        )
 
     async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
         """The summaries in the state files of the project's main transcripts."""
         project_dir = self._project_dir(project_key)
-        return await asyncio.to_thread(_list_summaries, project_dir / SIDECAR_DIR)
+        return await self._run(
+            f"project {project_key}", lambda _: _list_summaries(project_dir / SIDECAR_DIR)
+        )
 
     async def delete(self, key: SessionKey) -> None:
         """Delete a transcript, keeping its marks; a main key also takes its subagents'."""
         k = self._check_key(key)
         path = self._transcript_path(k)
         async with self._lock(path):
-            await asyncio.to_thread(self._delete_sync, k, path)
+            await self._run(describe_key(k), lambda wait: self._delete_sync(wait, k, path))
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
         """Subpaths of the session's subagent transcripts, sorted."""
         k = self._check_key(key)  # a stray subpath is validated, then ignored
         session_dir = self._project_dir(k["project_key"]) / k["session_id"]
-        return await asyncio.to_thread(self._list_subkeys_sync, k, session_dir)
+        return await self._run(describe_key(k), lambda _: self._list_subkeys_sync(k, session_dir))
+
+    async def aclose(self) -> None:
+        """Shut the store's thread pool down (calls still running finish on their own;
+        lock waits end at ``lock_timeout`` or when their callers are cancelled). The
+        store stays usable: a later call starts a new pool."""
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------
     # The delivery protocol (walmirror.protocol.ProducerStore)
@@ -227,8 +358,9 @@ class FileStore(SessionStore):
         check_batch(describe_key(k), batch)
         path = self._transcript_path(k)
         async with self._lock(path):
-            appended, state = await asyncio.to_thread(
-                self._append_sync, k, path, batch, batch.encoded, None
+            appended, state = await self._run(
+                describe_key(k),
+                lambda wait: self._append_sync(wait, k, path, batch, batch.encoded, None),
             )
         return Receipt(appended, state.marks[batch.producer], state.lines)
 
@@ -237,14 +369,55 @@ class FileStore(SessionStore):
         k = self._check_key(key)
         path = self._transcript_path(k)
         async with self._lock(path):
-            return await asyncio.to_thread(self._mark_sync, k, path, producer)
+            return await self._run(
+                describe_key(k), lambda wait: self._mark_sync(wait, k, path, producer)
+            )
 
     async def length(self, key: SessionKey) -> int:
         """How many entries ``key`` holds (0 if never written or deleted)."""
         k = self._check_key(key)
         path = self._transcript_path(k)
         async with self._lock(path):
-            return await asyncio.to_thread(self._length_sync, k, path)
+            return await self._run(describe_key(k), lambda wait: self._length_sync(wait, k, path))
+
+    async def ping(self) -> None:
+        """The health call (``walmirror.protocol``): the root is there (made if need be)
+        and is a directory this process can write into."""
+
+        def check(_wait: _LockWait) -> None:
+            self._root.mkdir(parents=True, exist_ok=True)
+            if not os.access(self._root, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable", str(self._root))
+
+        await self._run("the root directory", check)
+
+    # ------------------------------------------------------------------
+    # The thread pool
+    # ------------------------------------------------------------------
+
+    async def _run(self, what: str, work: Callable[[_LockWait], T]) -> T:
+        """Run ``work`` on the store's own threads. Cancelling the caller abandons the
+        work's lock waits; the filesystem's refusals become walmirror errors about
+        ``what`` (a key or project, never content)."""
+        wait = _LockWait(self._lock_timeout)
+        future = asyncio.get_running_loop().run_in_executor(self._pool(), work, wait)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            wait.abandoned.set()
+            raise
+        except OSError as exc:
+            if isinstance(exc, WalmirrorError):
+                raise
+            raise _translate(exc, what, self._root) from exc
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self._max_threads, thread_name_prefix=f"walmirror-file-{id(self):x}"
+                )
+            return self._executor
 
     # ------------------------------------------------------------------
     # Keys and paths
@@ -306,11 +479,12 @@ class FileStore(SessionStore):
         return lock
 
     # ------------------------------------------------------------------
-    # Blocking work (always called through asyncio.to_thread)
+    # Blocking work (always called through _run, on the store's threads)
     # ------------------------------------------------------------------
 
     def _append_sync(
         self,
+        wait: _LockWait,
         key: SessionKey,
         path: Path,
         batch: Batch | None,
@@ -319,7 +493,7 @@ class FileStore(SessionStore):
     ) -> tuple[int, _State]:
         """``append_batch`` (``batch`` given) or plain ``append`` (``entries`` given):
         how many entries were appended, and the state that acknowledges them."""
-        fd = self._open_locked(path, create=True)
+        fd = self._open_locked(key, path, wait, create=True)
         try:
             main = "subpath" not in key  # main keys keep a summary
             state, on_disk = self._recover(key, fd, path, fold=main)
@@ -347,7 +521,8 @@ class FileStore(SessionStore):
             if main and summary is not None:
                 # Same clock as list_sessions(): the transcript's own mtime after the write.
                 summary["mtime"] = os.fstat(fd).st_mtime_ns // 1_000_000
-            after = _State(state.size + len(data), state.lines + count, marks, summary)
+            size = state.size + len(data)
+            after = _State(size, state.lines + count, marks, summary, _tail(fd, size))
             try:
                 state_path = self._replace_state(key, after)
             except BaseException:
@@ -358,22 +533,22 @@ class FileStore(SessionStore):
         finally:
             _release(path, fd)
 
-    def _mark_sync(self, key: SessionKey, path: Path, producer: str) -> int | None:
-        fd = self._open_locked(path, create=False)
+    def _mark_sync(self, wait: _LockWait, key: SessionKey, path: Path, producer: str) -> int | None:
+        fd = self._open_locked(key, path, wait, create=False)
         if fd is None:
             state = _read_state(self._state_path(key))
             if state is None or state.size == 0:  # never written, or a tombstone
                 return None if state is None else state.marks.get(producer)
             # The state describes a transcript that is not there: decide under the lock.
-            fd = self._open_locked(path, create=True)
+            fd = self._open_locked(key, path, wait, create=True)
         try:
             state, _ = self._recover(key, fd, path, fold=False)
             return state.marks.get(producer)
         finally:
             _release(path, fd)
 
-    def _length_sync(self, key: SessionKey, path: Path) -> int:
-        fd = self._open_locked(path, create=False)
+    def _length_sync(self, wait: _LockWait, key: SessionKey, path: Path) -> int:
+        fd = self._open_locked(key, path, wait, create=False)
         if fd is None:
             return 0
         try:
@@ -381,8 +556,10 @@ class FileStore(SessionStore):
         finally:
             _release(path, fd)
 
-    def _load_sync(self, key: SessionKey, path: Path) -> list[SessionStoreEntry] | None:
-        fd = self._open_locked(path, create=False)
+    def _load_sync(
+        self, wait: _LockWait, key: SessionKey, path: Path
+    ) -> list[SessionStoreEntry] | None:
+        fd = self._open_locked(key, path, wait, create=False)
         if fd is None:
             return None
         try:
@@ -399,8 +576,12 @@ class FileStore(SessionStore):
     ) -> list[SessionStoreListEntry]:
         try:
             scan = list(os.scandir(project_dir))
-        except (FileNotFoundError, NotADirectoryError):
+        except NotADirectoryError:
             return []
+        except OSError as exc:
+            if _absent(exc):
+                return []
+            raise
         sessions: list[SessionStoreListEntry] = []
         for item in scan:
             if not item.name.endswith(_JSONL) or not item.is_file(follow_symlinks=False):
@@ -440,13 +621,13 @@ class FileStore(SessionStore):
         state = _read_state(self._state_path(key))
         return state is None or state.size > 0
 
-    def _delete_sync(self, key: SessionKey, path: Path) -> None:
-        self._delete_transcript(key, path)
+    def _delete_sync(self, wait: _LockWait, key: SessionKey, path: Path) -> None:
+        self._delete_transcript(wait, key, path)
         if "subpath" in key:
             return
         project_dir = path.parent
         session_dir = project_dir / key["session_id"]
-        if session_dir.is_dir() and not session_dir.is_symlink():
+        if _is_real_dir(session_dir):
             # Each subagent transcript under its own lock, so writers in flight
             # finish first and writers waiting notice the file is gone.
             for dirpath, _dirs, files in os.walk(session_dir):
@@ -459,18 +640,18 @@ class FileStore(SessionStore):
                         sub = self._check_key({**key, "subpath": subpath})
                     except InvalidKeyError:
                         continue  # not a file this store wrote
-                    self._delete_transcript(sub, file)
+                    self._delete_transcript(wait, sub, file)
             _remove_empty_dirs(session_dir)
         _remove_empty_dirs(project_dir / SIDECAR_DIR / key["session_id"])
         if project_dir.is_dir():
             _fsync_dir(project_dir)
 
-    def _delete_transcript(self, key: SessionKey, path: Path) -> None:
+    def _delete_transcript(self, wait: _LockWait, key: SessionKey, path: Path) -> None:
         """Empty one key: state to size 0 with its marks, then unlink the transcript."""
         state_path = self._state_path(key)
         state = _read_state(state_path)
         # Lock even a missing transcript when a state exists: it may hold a summary.
-        fd = self._open_locked(path, create=state is not None)
+        fd = self._open_locked(key, path, wait, create=state is not None)
         if fd is None:
             return
         try:
@@ -500,7 +681,15 @@ class FileStore(SessionStore):
         """
         size = os.fstat(fd).st_size
         state = _read_state(self._state_path(key))
-        if state is not None and size >= state.size:
+        # The state describes this file if the file still holds its bytes: at least
+        # ``size`` of them, ending with the recorded tail (a file deleted and written
+        # again by another program, even into the same inode and to the same size,
+        # does not; inode and timestamps cannot tell).
+        if (
+            state is not None
+            and size >= state.size
+            and (state.tail is None or _tail(fd, state.size) == state.tail)
+        ):
             if size == state.size:
                 return state, True
             if state.size == 0 or os.pread(fd, 1, state.size - 1) == b"\n":
@@ -522,7 +711,7 @@ class FileStore(SessionStore):
             path,
         )
         data = _read_range(fd, 0, size)
-        adopted = _State(size, data.count(b"\n"))
+        adopted = _State(size, data.count(b"\n"), tail=_digest(data[-_TAIL:]))
         if fold and adopted.lines:
             raw_lines = data.split(b"\n")[:-1]
             parsed = [_parse_line(path, n, raw) for n, raw in enumerate(raw_lines, start=1)]
@@ -538,6 +727,8 @@ class FileStore(SessionStore):
         path. The caller fsyncs the directory: until then a crash may undo the rename."""
         path = self._state_path(key)
         doc: dict[str, Any] = {"size": state.size, "lines": state.lines, "marks": state.marks}
+        if state.tail is not None:
+            doc["tail"] = state.tail
         if state.summary is not None:
             doc["summary"] = state.summary
         data = encode_entry(doc)
@@ -563,13 +754,20 @@ class FileStore(SessionStore):
         return path
 
     @overload
-    def _open_locked(self, path: Path, *, create: Literal[True]) -> int: ...
+    def _open_locked(
+        self, key: SessionKey, path: Path, wait: _LockWait, *, create: Literal[True]
+    ) -> int: ...
 
     @overload
-    def _open_locked(self, path: Path, *, create: bool) -> int | None: ...
+    def _open_locked(
+        self, key: SessionKey, path: Path, wait: _LockWait, *, create: bool
+    ) -> int | None: ...
 
-    def _open_locked(self, path: Path, *, create: bool) -> int | None:
-        """Open ``path`` and hold an exclusive flock on it; ``None`` if it does not exist.
+    def _open_locked(
+        self, key: SessionKey, path: Path, wait: _LockWait, *, create: bool
+    ) -> int | None:
+        """Open ``path`` and hold an exclusive flock on it; ``None`` if it does not exist
+        (or cannot: a name too long for the filesystem, when not creating).
 
         Loops until the locked descriptor is the file currently at ``path``: a
         delete while we waited for the lock must not swallow our writes.
@@ -577,9 +775,11 @@ class FileStore(SessionStore):
         while True:
             try:
                 fd = os.open(path, _OPEN_FLAGS)
-            except FileNotFoundError:
-                if not create:
+            except OSError as exc:
+                if not create and _absent(exc):
                     return None
+                if not isinstance(exc, FileNotFoundError):
+                    raise
                 self._make_dirs(path.parent)
                 try:
                     fd = os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, self._file_mode)
@@ -587,7 +787,7 @@ class FileStore(SessionStore):
                     continue  # another writer created it, or a delete removed the directory
                 _fsync_dir(path.parent)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _flock(fd, wait, key)
                 held = os.fstat(fd)
                 try:
                     current = os.stat(path)
@@ -596,6 +796,8 @@ class FileStore(SessionStore):
             except BaseException:
                 os.close(fd)
                 raise
+            # Our descriptor pins its inode, so a file at ``path`` with the same
+            # (device, inode) is this one: no other file can have been given it.
             if current is not None and (current.st_dev, current.st_ino) == (
                 held.st_dev,
                 held.st_ino,
@@ -676,20 +878,25 @@ def _read_state(path: Path) -> _State | None:
     """The state file's content; ``None`` if absent or unreadable (then marks are unknown)."""
     try:
         doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
+    except OSError as exc:
+        if _absent(exc):
+            return None
+        doc = None
+    except ValueError:
         doc = None
     if isinstance(doc, dict):
-        size, lines, marks, summary = (doc.get(f) for f in ("size", "lines", "marks", "summary"))
+        size, lines, marks, summary, tail = (
+            doc.get(f) for f in ("size", "lines", "marks", "summary", "tail")
+        )
         if (
             _is_count(size)
             and _is_count(lines)
             and isinstance(marks, dict)
             and all(isinstance(p, str) and _is_count(s) for p, s in marks.items())
             and (summary is None or _is_summary(summary))
+            and (tail is None or isinstance(tail, str))
         ):
-            return _State(size, lines, marks, summary)
+            return _State(size, lines, marks, summary, tail)
     logger.warning("%s: unreadable state file; marks unknown", path)
     return None
 
@@ -710,8 +917,12 @@ def _is_summary(value: Any) -> bool:
 def _list_summaries(state_dir: Path) -> list[SessionSummaryEntry]:
     try:
         names = os.listdir(state_dir)
-    except (FileNotFoundError, NotADirectoryError):
+    except NotADirectoryError:
         return []
+    except OSError as exc:
+        if _absent(exc):
+            return []
+        raise
     summaries: list[SessionSummaryEntry] = []
     for name in names:
         # Main keys' state files only: subkeys' are in directories, tmp files end in ".tmp".
@@ -742,6 +953,86 @@ def _remove_empty_dirs(top: Path) -> None:
             os.rmdir(dirpath)
         except OSError:
             pass
+
+
+def _flock(fd: int, wait: _LockWait, key: SessionKey) -> None:
+    """Take an exclusive ``flock`` on ``fd``, polling so the wait is bounded by
+    ``wait.timeout`` and ends as soon as ``wait.abandoned`` is set."""
+    deadline = time.monotonic() + wait.timeout
+    delay = _POLL_FIRST
+    while True:
+        if wait.abandoned.is_set():  # the caller is gone: do not start its work now
+            raise _Abandoned
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TranscriptLockTimeoutError(
+                f"{describe_key(key)}: the transcript stayed locked by another process for"
+                f" {wait.timeout:g} s (lock_timeout); nothing was written"
+            )
+        if wait.abandoned.wait(min(delay, left)):
+            raise _Abandoned
+        delay = min(delay * 1.5, _POLL_MAX)
+
+
+def _translate(exc: OSError, what: str, root: Path) -> Exception:
+    """The walmirror error for an ``OSError`` the filesystem raised, or ``exc`` itself.
+
+    The message names the key (``what``) and the store's root, never content."""
+    code = exc.errno
+    if code == errno.ENAMETOOLONG:
+        # The reason first: the key itself can be long enough to fill a truncated line.
+        return KeyTooLongError(
+            "session key too long for this filesystem (a file name under"
+            f" {root} would exceed its name length limit; use a shorter session id or"
+            f" subpath): {what}"
+        )
+    if code == errno.EROFS:
+        return ReadOnlyFileSystemError(
+            code, f"{what}: the FileStore root {root} is on a read-only filesystem"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return FileStorePermissionError(
+            code, f"{what}: permission denied writing under the FileStore root {root}"
+        )
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        cause = "disk full" if code == errno.ENOSPC else "disk quota exceeded"
+        return FileSystemFullError(
+            code,
+            f"{what}: no space left under the FileStore root {root} ({cause});"
+            " nothing was acknowledged",
+        )
+    return exc
+
+
+def _absent(exc: OSError) -> bool:
+    """Whether ``exc`` means the file is not there: missing, or a name too long for the
+    filesystem to hold (no such file can exist)."""
+    return isinstance(exc, FileNotFoundError) or exc.errno == errno.ENAMETOOLONG
+
+
+def _is_real_dir(path: Path) -> bool:
+    """A directory, not a symlink to one; ``False`` for a name too long to exist."""
+    try:
+        return path.is_dir() and not path.is_symlink()
+    except OSError as exc:
+        if _absent(exc):
+            return False
+        raise
+
+
+def _digest(data: bytes) -> str | None:
+    return hashlib.blake2b(data, digest_size=16).hexdigest() if data else None
+
+
+def _tail(fd: int, size: int) -> str | None:
+    """The digest of the last ``_TAIL`` bytes before ``size`` (``None`` for size 0)."""
+    start = max(0, size - _TAIL)
+    return _digest(_read_range(fd, start, size))
 
 
 def _release(path: Path, fd: int) -> None:

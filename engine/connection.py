@@ -26,6 +26,9 @@ Synchronous = Literal["FULL", "NORMAL"]
 
 logger = logging.getLogger("walmirror.queue")
 
+WAL_PAGES = 256
+"""The WAL is checkpointed once it holds this many pages (1 MiB at 4 KiB pages)."""
+
 
 class Connection:
     """One sqlite3 connection owned by one thread, fed by a queue of jobs (the aiosqlite
@@ -55,6 +58,11 @@ class Connection:
         # journal_mode changes the file: it is set by _migrate, once the file is known
         # to be ours (a foreign database must be left byte for byte as it was).
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        # A small WAL: checkpointed past WAL_PAGES pages, and cut back to that size after
+        # a bigger transaction. On a full disk, a checkpoint needs room for what the WAL
+        # holds; the queue's disk reserve (twice this) is sized for it.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_PAGES * 4096}")
         self._conn = conn
 
     async def open(self) -> None:
@@ -94,8 +102,9 @@ class Connection:
         if self._conn is not None:
             await self.run(self._conn.close)
             self._conn = None
+        # The thread ends at this sentinel. Nothing joins it: that would take a thread
+        # of the event loop's default executor, which a backend may have used up.
         self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join)
         self._thread = None
 
 
