@@ -775,6 +775,10 @@ $fn$;
         head = await self._read_head(k)
         return head.length
 
+    async def ping(self) -> None:
+        """The health call (``walmirror.protocol``): one ``SELECT 1``."""
+        await self._fetch("SELECT 1")
+
     async def _append(
         self,
         key: SessionKey,

@@ -535,6 +535,10 @@ class RedisStore(SessionStore):
         _, names = self._check_key(key)
         return int(await self._redis.llen(names.transcript))
 
+    async def ping(self) -> None:
+        """The health call (``walmirror.protocol``): one ``PING``."""
+        await self._redis.ping()
+
     # ------------------------------------------------------------------
     # Server health
     # ------------------------------------------------------------------

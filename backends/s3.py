@@ -794,6 +794,10 @@ class S3Store(SessionStore):
             tail = await self._learn(names)
         return tail.marks.get(producer)
 
+    async def ping(self) -> None:
+        """The health call (``walmirror.protocol``): one ``HeadBucket``."""
+        await self._request("head_bucket", Bucket=self._bucket)
+
     async def length(self, key: SessionKey) -> int:
         """How many entries ``key`` holds (0 if never written or deleted). Always lists."""
         names = self._names(key)

@@ -18,6 +18,7 @@ from .errors import (
     QueueClosedError,
     QueueFullError,
     QueueLockedError,
+    QueuePathError,
     WalmirrorError,
 )
 from .protocol import Batch, ProducerStore, Receipt, is_producer_store
@@ -40,6 +41,7 @@ __all__ = [
     "QueueClosedError",
     "QueueFullError",
     "QueueLockedError",
+    "QueuePathError",
     "Receipt",
     "Tuning",
     "WalmirrorError",

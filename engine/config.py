@@ -6,16 +6,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from .errors import PermanentBackendError
+from .errors import CorruptQueueError, PermanentBackendError
 
 
 def default_is_permanent(exc: BaseException) -> bool:
     """Errors that retrying cannot fix: the backend said no, or the batch is malformed.
 
     Everything else (connection errors, timeouts, unknown exceptions) is
-    retried: dropping is never the safe default.
+    retried: dropping is never the safe default. Only what a backend call raised
+    is judged here; an error in walmirror's own code is never parked for.
     """
-    return isinstance(exc, PermanentBackendError | PermissionError | ValueError | TypeError)
+    return isinstance(
+        exc,
+        PermanentBackendError | CorruptQueueError | PermissionError | ValueError | TypeError,
+    )
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,22 @@ class Tuning:
     # Exponential backoff with full jitter: sleep uniform(0, min(max, initial * 2**n)).
     backoff_initial: float = 0.05
     backoff_max: float = 5.0
-    # After this many consecutive failures the breaker opens: one probe call per
-    # backoff_max until the backend answers again.
+    # After this many consecutive failures the breaker opens: no real batch is sent
+    # until a probe succeeds. A backend with a health call (``ping``: Redis PING,
+    # PostgreSQL SELECT 1, S3 HeadBucket, a stat) is probed every probe_interval
+    # seconds, each probe given probe_timeout; one without is probed with one
+    # queued item (a key's batch or a delete, in turn) per backoff_max.
     breaker_threshold: int = 5
+    probe_interval: float = 0.25
+    probe_timeout: float = 2.0
     # Acknowledged entries stay queued this long (reads survive an outage), then go.
     retention_seconds: float = 60.0
     compact_interval: float = 5.0
+    # A key idle this long whose entries every backend acknowledged is forgotten: its
+    # row, cursors and uuid ledger go (a host stays as fast as a new one). An entry
+    # replayed after that (a re-import) is stored again: keep this above how long
+    # after a session's last append you may re-import or retry it.
+    forget_after: float = 86400.0
     # Disk cap for queued entry bytes (None: unbounded) and what append does when full.
     max_queue_bytes: int | None = 1 << 30
     full_policy: Literal["wait", "raise"] = "wait"
@@ -73,5 +87,11 @@ class Tuning:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.call_timeout <= 0 or self.backoff_max <= 0:
-            raise ValueError("call_timeout and backoff_max must be positive")
+        for name in ("call_timeout", "backoff_max", "probe_interval", "probe_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.compact_interval < 0.01:
+            # It is also the idle loop's sleep: zero would spin a CPU.
+            raise ValueError(
+                f"compact_interval must be at least 0.01 s, got {self.compact_interval}"
+            )

@@ -31,6 +31,11 @@ class QueueLockedError(WalmirrorError):
     """Another process holds the queue file; two processes never share one."""
 
 
+class QueuePathError(WalmirrorError):
+    """The queue file cannot live where ``wal_path`` says: a directory, a read-only
+    filesystem, no permission. Nothing was created or changed there."""
+
+
 class CorruptQueueError(WalmirrorError):
     """The queue file is not a walmirror queue or is damaged. It is left untouched."""
 

@@ -110,12 +110,13 @@ READ_OPS: frozenset[str] = frozenset(
         "list_sessions",
         "list_session_summaries",
         "list_subkeys",
+        "ping",
     }
 )
 ALL_OPS: frozenset[str] = WRITE_OPS | READ_OPS
 
 _SDK_OPTIONAL = ("list_sessions", "list_session_summaries", "delete", "list_subkeys")
-_PROTOCOL_METHODS = ("append_batch", "producer_mark", "length")
+_PROTOCOL_METHODS = ("append_batch", "producer_mark", "length", "ping")
 
 
 def _check_ops(ops: Iterable[str]) -> frozenset[str]:
@@ -174,7 +175,7 @@ class FaultyStore(SessionStore):
         self._down_until = 0.0
         self._outages: list[tuple[float, float]] = []
         self._hangs_pending = 0
-        self._rejects: list[tuple[KeyPredicate, frozenset[str]]] = []
+        self._rejects: list[tuple[KeyPredicate, frozenset[str], Callable[[], Exception]]] = []
         self._holds_pending = 0
         self._held: list[Callable[[], Awaitable[Any]]] = []
 
@@ -256,13 +257,23 @@ class FaultyStore(SessionStore):
                 results.append(exc)
         return results
 
-    def reject(self, predicate: KeyPredicate, *, ops: Iterable[str] = WRITE_OPS) -> None:
-        """Permanently reject calls in ``ops`` whose key matches ``predicate``.
+    def reject(
+        self,
+        predicate: KeyPredicate,
+        *,
+        ops: Iterable[str] = WRITE_OPS,
+        error: Callable[[], Exception] | None = None,
+    ) -> None:
+        """Reject calls in ``ops`` whose key matches ``predicate``, every time.
 
-        ``list_subkeys`` passes its ``{project_key, session_id}`` key; the
-        project-wide listings have no key and are never rejected.
+        The error is ``PermanentBackendError("rejected (injected)")`` unless
+        ``error`` makes another (say, a ``ConnectionError``: one key that keeps
+        failing in a way that looks retryable). ``list_subkeys`` passes its
+        ``{project_key, session_id}`` key; the project-wide listings and ``ping``
+        have no key and are never rejected.
         """
-        self._rejects.append((predicate, _check_ops(ops)))
+        make = error or (lambda: PermanentBackendError("rejected (injected)"))
+        self._rejects.append((predicate, _check_ops(ops), make))
 
     def accept_all(self) -> None:
         """Drop every ``reject()`` rule."""
@@ -298,10 +309,10 @@ class FaultyStore(SessionStore):
             self.injected["down"] += 1
             raise ConnectionError("backend down (injected)")
         if key is not None:
-            for predicate, ops in self._rejects:
+            for predicate, ops, make_error in self._rejects:
                 if op in ops and predicate(key):
                     self.injected["reject"] += 1
-                    raise PermanentBackendError("rejected (injected)")
+                    raise make_error()
         if in_scope and is_write and self._holds_pending > 0:
             self._holds_pending -= 1
             self.injected["held"] += 1
@@ -383,6 +394,12 @@ class _Length(FaultyStore):
         return int(await self._run("length", key, lambda: inner.length(key)))
 
 
+class _Ping(FaultyStore):
+    async def ping(self) -> None:
+        inner: Any = self.inner  # ping() is the backends' optional health call
+        await self._run("ping", None, inner.ping)
+
+
 _MIXINS: dict[str, type[FaultyStore]] = {
     "list_sessions": _ListSessions,
     "list_session_summaries": _ListSessionSummaries,
@@ -391,6 +408,7 @@ _MIXINS: dict[str, type[FaultyStore]] = {
     "append_batch": _AppendBatch,
     "producer_mark": _ProducerMark,
     "length": _Length,
+    "ping": _Ping,
 }
 
 

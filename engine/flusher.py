@@ -5,7 +5,7 @@ A round of the loop:
 1. apply pending deletes (tombstones) for this backend, oldest first: nothing
    queued after a delete may reach the backend before the delete does;
 2. pick up to ``max_parallel_keys`` keys with unacknowledged entries, oldest
-   first, skipping parked keys;
+   first, skipping parked keys and keys cooling down after a failure;
 3. for each key, concurrently: read one batch (bounded by entries and bytes),
    send it, and record the new cursor in the queue.
 
@@ -21,16 +21,30 @@ first delivery of a key in this process, and every delivery after a failed
 one, first loads the key and skips entries whose ``uuid`` the backend already
 holds (at-least-once, no duplicates for entries with uuids).
 
-Failures: a permanent error (``Tuning.is_permanent``) parks the key with its
-error and the other keys keep flowing; anything else backs the whole backend
-off (exponential, full jitter, capped) and, past ``breaker_threshold``
-consecutive failures, opens the breaker: one key per ``backoff_max`` probes
-the backend until a call succeeds.
+Failures, so that one bad key never stops the others:
+
+* A backend call that fails permanently (``Tuning.is_permanent``) parks its
+  key, or its delete, with the error; the rest keeps flowing; ``requeue``
+  un-parks.
+* A retryable failure is the backend's when nothing else in the round got
+  through and the backend's health call (``ping``) fails too (or it has none):
+  the whole backend backs off (exponential, full jitter, capped) and, past
+  ``breaker_threshold`` such rounds, the breaker opens. Otherwise it is the
+  item's own: that key (or delete) cools down on its own backoff while the
+  others go on.
+* An open breaker sends no batch: it probes the backend with ``ping`` every
+  ``probe_interval`` and closes on the first answer; a backend without
+  ``ping`` is probed with one queued item per ``backoff_max``, a different one
+  each time.
+* An error in walmirror's own code while delivering a key is logged with its
+  traceback and cools that key down; it never parks a key (a fixed walmirror
+  delivers it) and never counts against the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import time
@@ -39,14 +53,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from claude_agent_sdk.types import SessionKey, SessionStore
+from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
 
 from . import telemetry
 from .config import Tuning
-from .errors import MarkBehindError, PermanentBackendError, WalmirrorError
+from .errors import CorruptQueueError, MarkBehindError, PermanentBackendError, WalmirrorError
 from .keys import describe_key
-from .protocol import Batch, Receipt, decode_entry, implements, is_producer_store
-from .queue import Cursor, KeyRow, WriteAheadQueue
+from .protocol import Batch, Receipt, decode_entry, has_ping, implements, is_producer_store
+from .queue import Cursor, KeyRow, Tombstone, WriteAheadQueue
 
 logger = logging.getLogger("walmirror.flusher")
 
@@ -54,17 +68,34 @@ T = TypeVar("T")
 
 BreakerState = Literal["closed", "open", "half-open"]
 
-# Exceptions whose message is an errno-style description, never payload. Other
-# messages may echo what the backend was sent, so only their type is kept.
-_SAFE_MESSAGE_TYPES = (WalmirrorError, OSError, TimeoutError, asyncio.TimeoutError)
-
 
 def describe_error(exc: BaseException) -> str:
-    """The error as status and logs show it: its type, and its message only when safe."""
+    """The error as status, logs and telemetry show it: its type, and a message only
+    when walmirror wrote it. Other messages can echo what the backend was sent, or
+    name paths and hosts (an ``OSError``): of those, only the errno's name is kept."""
     name = type(exc).__name__
-    if isinstance(exc, _SAFE_MESSAGE_TYPES) and str(exc):
+    if isinstance(exc, WalmirrorError) and str(exc):
         return f"{name}: {str(exc)[:300]}"
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and isinstance(code, int) and code in errno.errorcode:
+        return f"{name} ({errno.errorcode[code]})"
     return name
+
+
+class _BackendFailed(Exception):
+    """A backend call raised ``error`` (as opposed to walmirror's own code)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
+@dataclass
+class _Cooling:
+    """An item (a key or a delete) that failed while the backend was fine."""
+
+    failures: int
+    until: float
 
 
 class SessionLocks:
@@ -91,9 +122,14 @@ class SessionLocks:
 
 @dataclass
 class _Outcome:
-    delivered: int = 0
-    error: BaseException | None = None
-    permanent: bool = False
+    """What one item of a round (a key's batch or a delete) came to."""
+
+    item: tuple[str, int]  # ("key", key_id) or ("delete", tombstone id)
+    delivered: int = 0  # entries acknowledged (a delete counts as done via ``done``)
+    done: bool = False  # the backend took it (or there was nothing to do)
+    error: BaseException | None = None  # retryable, from the backend or walmirror
+    internal: bool = False  # the error is walmirror's own
+    permanent: bool = False  # parked
     rewound: bool = False  # the backend lost data; the key goes again at once
 
 
@@ -116,6 +152,7 @@ class Flusher:
         self.locks = locks
         self.on_progress = on_progress
         self.speaks_protocol = is_producer_store(backend)
+        self.has_ping = has_ping(backend)
         self.consecutive_failures = 0
         self.breaker: BreakerState = "closed"
         self.last_error: str | None = None
@@ -129,6 +166,14 @@ class Flusher:
         # delete made on this host sends them once more first: a late copy is then
         # below the producer's mark, which the backend keeps through the delete.
         self._in_doubt: dict[tuple[str, str, str], tuple[SessionKey, Batch]] = {}
+        # Keys and deletes that failed on their own while the backend was fine.
+        self._cooling: dict[tuple[str, int], _Cooling] = {}
+        self._probe_turn = 0  # which queued item probes a backend without ping
+        # Telemetry only: each failing item's failed attempts in a row (and when the
+        # last was), and when the breaker last closed after an outage while what was
+        # queued then is not yet all delivered (monotonic seconds).
+        self._attempts: dict[tuple[str, int], tuple[int, float]] = {}
+        self._healed_at: float | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -157,7 +202,10 @@ class Flusher:
         while not self._stopping:
             self._wake.clear()
             try:
-                busy = await self._round()
+                if self.breaker == "open" and self.has_ping:
+                    busy = await self._probe() and await self._round()
+                else:
+                    busy = await self._round()
                 if time.monotonic() - self._gauges_at >= 1.0:
                     self._gauges_at = time.monotonic()
                     self.gauges = await self.queue.depth(self.name)
@@ -167,16 +215,20 @@ class Flusher:
                 logger.exception("flusher %s: round failed", self.name)
                 busy = False
                 self._record_failure(RuntimeError("internal flusher error"))
-            if self.consecutive_failures:
-                await self._sleep(self._backoff_delay())
+            if self.breaker == "open" and self.has_ping:
+                await asyncio.sleep(self.tuning.probe_interval)
+            elif self.consecutive_failures:
+                await asyncio.sleep(self._backoff_delay())
             elif not busy:
-                await self._sleep(self.tuning.compact_interval)
+                await self._idle()
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep up to ``seconds``; new work or ``stop`` wakes us early (not during backoff)."""
-        if self.consecutive_failures:
-            await asyncio.sleep(seconds)
-            return
+    async def _idle(self) -> None:
+        """Sleep until new work, ``stop``, the next compaction or a cooled item is due."""
+        seconds = self.tuning.compact_interval
+        now = time.monotonic()
+        due = [c.until - now for c in self._cooling.values() if c.until > now]
+        if due:
+            seconds = min(seconds, min(due))
         try:
             await asyncio.wait_for(self._wake.wait(), seconds)
         except TimeoutError:
@@ -191,57 +243,241 @@ class Flusher:
         )
         return random.uniform(0, ceiling)
 
+    async def _probe(self) -> bool:
+        """The breaker is open: ask the backend's health call. True (and the breaker
+        closed) when it answers."""
+        with telemetry.span("walmirror.probe", {telemetry.BACKEND: self.name}) as span:
+            error = await self._ping()
+            if error is None:
+                span.set_attribute(telemetry.OUTCOME, "ok")
+                self._record_success()
+                return True
+            telemetry.set_error(span, error, "failed")
+            self._record_failure(error)
+            return False
+
+    async def _ping(self) -> Exception | None:
+        """The backend's health call (only when ``has_ping``): None when it answers,
+        else what it raised."""
+        backend: Any = self.backend
+        timeout = min(self.tuning.probe_timeout, self.tuning.call_timeout)
+        with telemetry.span(
+            "walmirror.backend_call", {telemetry.BACKEND: self.name, telemetry.OP: "ping"}
+        ) as span:
+            try:
+                async with asyncio.timeout(timeout):
+                    await backend.ping()
+            except Exception as exc:
+                self._count_call(span, "ping", exc)
+                return exc
+            self._count_call(span, "ping", None)
+        return None
+
+    def _count_call(self, span: Any, op: str, exc: Exception | None) -> None:
+        """Telemetry for one backend call: its span's outcome, and the request count."""
+        if exc is None:
+            outcome = "ok"
+            span.set_attribute(telemetry.OUTCOME, outcome)
+        else:
+            outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
+            telemetry.set_error(span, exc, outcome)
+        telemetry.backend_requests.add(1, {"backend": self.name, "op": op, "outcome": outcome})
+
     async def _round(self) -> bool:
-        """One pass; True when it delivered something (so look again at once)."""
+        """One pass; True when it got something done (so look again at once)."""
         await self._maybe_compact()
-        if not await self._apply_tombstones():
-            return False
+        now = time.monotonic()
+        cooling = {item for item, c in self._cooling.items() if c.until > now}
+        probing = self.breaker != "closed"  # no ping: one queued item is the probe
+        was = self.breaker
+        if probing:
+            self.breaker = "half-open"
+        deletes = [
+            t
+            for t in await self.queue.tombstones(self.name)
+            if t.parked is None and ("delete", t.id) not in cooling
+        ]
         limit = self.tuning.max_parallel_keys
-        if self.breaker != "closed":
-            self.breaker, limit = "half-open", 1  # probe with one key
-        keys = await self.queue.pending_keys(self.name, limit)
-        if not keys:
+        keys = await self.queue.pending_keys(
+            self.name, limit, exclude=[i for kind, i in cooling if kind == "key"]
+        )
+        if probing:
+            deletes, keys = self._pick_probe(deletes, keys)
+        if not deletes and not keys:
+            if probing:
+                self.breaker = "open"
+            else:
+                self._note_backlog(None)
             return False
-        age = await self.queue.oldest_pending_age(self.name)
-        if age is not None and age < self.tuning.batch_linger:
-            await asyncio.sleep(self.tuning.batch_linger - age)
-        outcomes = await asyncio.gather(*(self._deliver(key) for key in keys))
+        with telemetry.span(
+            "walmirror.flush_round",
+            {
+                telemetry.BACKEND: self.name,
+                "walmirror.round.keys": len(keys),
+                "walmirror.round.deletes": len(deletes),
+                "walmirror.round.probe": probing,
+            },
+        ):
+            if probing and was != "half-open":
+                self._breaker_changed(was, "half-open")
+            outcomes = await self._apply_tombstones(deletes)
+            if keys:  # even after a failed delete: its own key waits (``is_tombstoned``)
+                age = await self.queue.oldest_pending_age(self.name)
+                self._note_backlog(age)
+                if age is not None and age < self.tuning.batch_linger:
+                    await asyncio.sleep(self.tuning.batch_linger - age)
+                outcomes += await asyncio.gather(*(self._deliver(key) for key in keys))
+            return await self._judge(outcomes)
+
+    def _pick_probe(
+        self, deletes: list[Tombstone], keys: list[KeyRow]
+    ) -> tuple[list[Tombstone], list[KeyRow]]:
+        """One item to probe a backend without ``ping`` with: a different one each time,
+        so an item that fails on its own cannot hold the breaker open for all."""
+        items: list[Tombstone | KeyRow] = [*deletes, *keys]
+        if not items:
+            return [], []
+        pick = items[self._probe_turn % len(items)]
+        self._probe_turn += 1
+        return ([pick], []) if isinstance(pick, Tombstone) else ([], [pick])
+
+    async def _judge(self, outcomes: list[_Outcome]) -> bool:
+        """Settle the round: whose failures were they, the backend's or the items'?"""
+        done = sum(1 for o in outcomes if o.done or o.permanent or o.rewound)
         delivered = sum(o.delivered for o in outcomes)
-        retryable = [o.error for o in outcomes if o.error is not None and not o.permanent]
-        if retryable:
-            self._record_failure(retryable[0])
-        elif delivered or any(o.permanent or o.rewound for o in outcomes):
-            self._record_success()
+        failed = [o for o in outcomes if o.error is not None]
+        for outcome in outcomes:
+            if outcome.error is None:
+                self._cooling.pop(outcome.item, None)
+        backend_failed = [o for o in failed if not o.internal]
+        if backend_failed and not done and not (self.has_ping and await self._ping() is None):
+            self._record_failure(backend_failed[0].error or RuntimeError())
+            verdict = "backend_failed"
+        else:
+            for outcome in failed:  # the backend is fine: these items failed on their own
+                self._cool(outcome)
+            if done or backend_failed:
+                self._record_success()
+            verdict = "items_failed" if failed else "ok"
+        telemetry.current_attributes({telemetry.OUTCOME: verdict, "walmirror.entries": delivered})
         if delivered:
             self.on_progress()
-        return delivered > 0 or any(o.permanent or o.rewound for o in outcomes)
+        return done > 0
+
+    def _cool(self, outcome: _Outcome) -> None:
+        previous = self._cooling.get(outcome.item)
+        failures = 1 if previous is None else previous.failures + 1
+        ceiling = min(self.tuning.backoff_max, self.tuning.backoff_initial * 2 ** (failures - 1))
+        until = time.monotonic() + random.uniform(ceiling / 2, ceiling)
+        self._cooling[outcome.item] = _Cooling(failures, until)
+        self.retries_total += 1
+        assert outcome.error is not None
+        self.last_error, self.last_error_at = describe_error(outcome.error), time.time()
+        telemetry.backend_retries.add(1, {"backend": self.name})
+        telemetry.event(
+            "walmirror.cool_down",
+            {
+                telemetry.ITEM_KIND: outcome.item[0],
+                "walmirror.failures": failures,
+                "walmirror.cool_down.seconds": round(until - time.monotonic(), 6),
+                "walmirror.error.internal": outcome.internal,
+                **telemetry.error_attributes(outcome.error),
+            },
+        )
 
     async def _maybe_compact(self) -> None:
         now = time.monotonic()
         if now - self._last_compact >= self.tuning.compact_interval:
             self._last_compact = now
-            await self.queue.compact(self.tuning.retention_seconds)
+            await self.queue.compact(self.tuning.retention_seconds, self.tuning.forget_after)
+            # Items that cooled long ago and never came back (deleted, delivered by a
+            # requeue...): forget them.
+            stale = [i for i, c in self._cooling.items() if c.until < now - 600]
+            for item in stale:
+                del self._cooling[item]
+            for item in [i for i, (_, at) in self._attempts.items() if at < now - 600]:
+                del self._attempts[item]
 
-    async def _apply_tombstones(self) -> bool:
-        """Deliver pending deletes; False while one of them keeps failing."""
-        for tombstone in await self.queue.tombstones(self.name):
+    async def _apply_tombstones(self, tombstones: list[Tombstone]) -> list[_Outcome]:
+        """Deliver deletes, oldest first; stop at the first that fails retryably."""
+        outcomes: list[_Outcome] = []
+        for tombstone in tombstones:
+            outcome = await self._apply_tombstone(tombstone)
+            outcomes.append(outcome)
+            if outcome.error is not None:
+                break
+        return outcomes
+
+    async def _apply_tombstone(self, tombstone: Tombstone) -> _Outcome:
+        item = ("delete", tombstone.id)
+        attempt = self._attempt(item)
+        with telemetry.span(
+            "walmirror.flush_delete", {telemetry.BACKEND: self.name, telemetry.ATTEMPT: attempt}
+        ) as span:
+            if span.is_recording():
+                span.set_attribute(telemetry.KEY_DIGEST, telemetry.key_digest(tombstone.key))
             async with self.locks(tombstone.key):
                 if implements(self.backend, "delete"):
                     try:
                         await self._fence_in_doubt(tombstone.key)
                         await self._call("delete", self.backend.delete(tombstone.key))
-                    except Exception as exc:
-                        self._record_failure(exc)
-                        return False
+                    except _BackendFailed as failed:
+                        if not self.tuning.is_permanent(failed.error):
+                            self._traced_retry(span, item, attempt, failed.error)
+                            return _Outcome(item, error=failed.error)
+                        error = describe_error(failed.error)
+                        await self.queue.park_delete(tombstone.id, error)
+                        self.last_error, self.last_error_at = error, time.time()
+                        self._traced_park(span, item, failed.error)
+                        logger.error(
+                            "flusher %s: parked the delete of %s: %s",
+                            self.name,
+                            describe_key(tombstone.key),
+                            error,
+                        )
+                        return _Outcome(item, permanent=True)
+                    span.set_attribute(telemetry.OUTCOME, "ok")
                 else:
+                    span.set_attribute(telemetry.OUTCOME, "unsupported")
                     logger.warning(
                         "flusher %s: backend has no delete(); %s stays in it",
                         self.name,
                         describe_key(tombstone.key),
                     )
                 await self.queue.drop_tombstone(tombstone.id)
-            self.on_progress()
-        return True
+            self._attempts.pop(item, None)
+        self.on_progress()
+        return _Outcome(item, done=True)
+
+    # -- telemetry of one item -------------------------------------------------
+
+    def _attempt(self, item: tuple[str, int]) -> int:
+        """The attempt this is for ``item``: 1 + its failed attempts in a row."""
+        previous = self._attempts.get(item)
+        return 1 if previous is None else previous[0] + 1
+
+    def _traced_retry(
+        self, span: Any, item: tuple[str, int], attempt: int, exc: BaseException
+    ) -> None:
+        """``item`` failed retryably: it goes again (after a backoff or a cool-down)."""
+        self._attempts[item] = (attempt, time.monotonic())
+        telemetry.set_error(span, exc, "retry")
+        if span.is_recording():
+            span.add_event(
+                "walmirror.retry",
+                {telemetry.ATTEMPT: attempt, **telemetry.error_attributes(exc)},
+            )
+
+    def _traced_park(self, span: Any, item: tuple[str, int], exc: BaseException) -> None:
+        """``item`` was parked after a permanent error."""
+        self._attempts.pop(item, None)
+        telemetry.set_error(span, exc, "parked")
+        telemetry.items_parked.add(1, {"backend": self.name, "kind": item[0]})
+        if span.is_recording():
+            span.add_event(
+                "walmirror.parked",
+                {telemetry.ITEM_KIND: item[0], **telemetry.error_attributes(exc)},
+            )
 
     async def _fence_in_doubt(self, deleted: SessionKey) -> None:
         """Before ``deleted`` goes: settle every batch of it (a main key: of its whole
@@ -254,8 +490,8 @@ class Flusher:
                 fence = Batch(batch.producer, batch.first_seq, batch.encoded, None)
                 try:
                     await self._call("append_batch", backend.append_batch(session_key, fence))
-                except Exception as exc:
-                    if not self.tuning.is_permanent(exc):
+                except _BackendFailed as failed:
+                    if not self.tuning.is_permanent(failed.error):
                         raise  # the delete waits: retried with backoff
                     # Refused for good: it cannot land later either.
                 del self._in_doubt[ident]
@@ -263,71 +499,111 @@ class Flusher:
     # -- one key ---------------------------------------------------------------
 
     async def _deliver(self, key: KeyRow) -> _Outcome:
+        item = ("key", key.key_id)
         session_key = key.session_key()
-        with telemetry.tracer.start_as_current_span(
-            "walmirror.flush_batch", attributes={"walmirror.backend": self.name}
+        attempt = self._attempt(item)
+        with telemetry.span(
+            "walmirror.flush_batch", {telemetry.BACKEND: self.name, telemetry.ATTEMPT: attempt}
         ) as span:
+            if span.is_recording():
+                span.set_attribute(telemetry.KEY_DIGEST, telemetry.key_digest(session_key))
             async with self.locks(session_key):
-                cursor = await self.queue.cursor(self.name, key.key_id)
-                if cursor is None:  # deleted since it was picked
-                    return _Outcome()
-                if await self.queue.is_tombstoned(self.name, session_key):
-                    return _Outcome()  # a delete made since goes first (next round)
-                first, bodies = await self.queue.read_batch(
-                    key.key_id,
-                    cursor.acked,
-                    self.tuning.max_batch_entries,
-                    self.tuning.max_batch_bytes,
-                )
-                if not bodies:
-                    return _Outcome()
-                if first != cursor.acked:
-                    # A backend added after entries were compacted: sending the rest
-                    # would store a transcript with its beginning missing.
-                    error = (
-                        f"HistoryCompacted: entries {cursor.acked}..{first - 1} of this key "
-                        "were compacted before this backend received them"
-                    )
-                    await self.queue.park(self.name, key.key_id, error)
-                    return _Outcome(error=PermanentBackendError(error), permanent=True)
-                span.set_attribute("walmirror.batch.entries", len(bodies))
                 try:
-                    if self.speaks_protocol:
-                        if cursor.legacy_base is not None:
-                            skipped = await self._reconcile_legacy(key, session_key, cursor, bodies)
-                            if skipped:
-                                return _Outcome(delivered=skipped)
-                        await self._send_batch(key, session_key, cursor, bodies)
-                    else:
-                        await self._send_foreign(key, session_key, cursor, bodies)
-                except MarkBehindError as exc:
-                    loss = await self.queue.rewind(self.name, key.key_id, exc.mark)
-                    if loss is not None:
-                        telemetry.entries_lost.add(loss.lost, {"backend": self.name})
-                        logger.error(
-                            "flusher %s: backend lost entries of %s: re-sending %d from the "
-                            "queue, %d no longer held",
-                            self.name,
-                            describe_key(session_key),
-                            loss.restored,
-                            loss.lost,
-                        )
-                    return _Outcome(rewound=True)
-                except Exception as exc:
+                    delivered = await self._deliver_locked(key, session_key, span)
+                except (_BackendFailed, CorruptQueueError) as failed:
+                    # What the backend raised, or damage to what the queue holds for it.
+                    exc = failed.error if isinstance(failed, _BackendFailed) else failed
+                    if isinstance(exc, MarkBehindError):
+                        self._attempts.pop(item, None)
+                        await self._rewind(key, session_key, exc)
+                        return _Outcome(item, rewound=True)
                     self._verified.discard(key.key_id)
-                    permanent = self.tuning.is_permanent(exc)
                     error = describe_error(exc)
-                    span.set_attribute("walmirror.error", error)
-                    if permanent:
-                        await self.queue.park(self.name, key.key_id, error)
-                        self.last_error, self.last_error_at = error, time.time()
-                        logger.error(
-                            "flusher %s: parked %s: %s", self.name, describe_key(session_key), error
-                        )
-                    return _Outcome(error=exc, permanent=permanent)
-        self.delivered_total += len(bodies)
-        telemetry.entries_delivered.add(len(bodies), {"backend": self.name})
-        return _Outcome(delivered=len(bodies))
+                    if not self.tuning.is_permanent(exc):
+                        self._traced_retry(span, item, attempt, exc)
+                        return _Outcome(item, error=exc)
+                    await self.queue.park(self.name, key.key_id, error)
+                    self.last_error, self.last_error_at = error, time.time()
+                    self._traced_park(span, item, exc)
+                    logger.error(
+                        "flusher %s: parked %s: %s", self.name, describe_key(session_key), error
+                    )
+                    return _Outcome(item, permanent=True)
+                except Exception as exc:  # walmirror's own bug: this key waits, others go
+                    self._verified.discard(key.key_id)
+                    logger.exception(
+                        "flusher %s: internal error delivering %s",
+                        self.name,
+                        describe_key(session_key),
+                    )
+                    self._traced_retry(span, item, attempt, exc)
+                    span.set_attribute("walmirror.error.internal", True)
+                    return _Outcome(item, error=exc, internal=True)
+            span.set_attribute(telemetry.OUTCOME, "ok" if delivered else "noop")
+            self._attempts.pop(item, None)
+        if delivered:
+            self.delivered_total += delivered
+            telemetry.entries_delivered.add(delivered, {"backend": self.name})
+        return _Outcome(item, delivered=delivered, done=True)
+
+    async def _deliver_locked(self, key: KeyRow, session_key: SessionKey, span: Any) -> int:
+        """One batch of ``key`` (its session lock held); how many entries went."""
+        cursor = await self.queue.cursor(self.name, key.key_id)
+        if cursor is None:  # deleted since it was picked
+            return 0
+        if await self.queue.is_tombstoned(self.name, session_key):
+            return 0  # a delete made since goes first (next round)
+        first, bodies = await self.queue.read_batch(
+            key.key_id,
+            cursor.acked,
+            self.tuning.max_batch_entries,
+            self.tuning.max_batch_bytes,
+        )
+        if not bodies:
+            return 0
+        if first != cursor.acked:
+            # A backend added after entries were compacted: sending the rest
+            # would store a transcript with its beginning missing.
+            raise _BackendFailed(
+                PermanentBackendError(
+                    f"HistoryCompacted: entries {cursor.acked}..{first - 1} of this key "
+                    "were compacted before this backend received them"
+                )
+            )
+        nbytes = sum(len(body) for body in bodies)
+        span.set_attributes({telemetry.ENTRIES: len(bodies), telemetry.BYTES: nbytes})
+        if self.speaks_protocol:
+            if cursor.legacy_base is not None:
+                skipped = await self._reconcile_legacy(key, session_key, cursor, bodies)
+                if skipped:
+                    return skipped
+            await self._send_batch(key, session_key, cursor, bodies)
+        else:
+            await self._send_foreign(key, session_key, cursor, bodies)
+        telemetry.bytes_delivered.add(nbytes, {"backend": self.name})
+        return len(bodies)
+
+    async def _rewind(self, key: KeyRow, session_key: SessionKey, exc: MarkBehindError) -> None:
+        loss = await self.queue.rewind(self.name, key.key_id, exc.mark)
+        lost = 0 if loss is None else loss.lost
+        telemetry.current_attributes({telemetry.OUTCOME: "lost" if lost else "rewound"})
+        telemetry.event(
+            "walmirror.rewound",
+            {
+                "walmirror.entries.restored": 0 if loss is None else loss.restored,
+                "walmirror.entries.lost": lost,
+            },
+        )
+        if loss is not None:
+            telemetry.entries_lost.add(loss.lost, {"backend": self.name})
+            logger.error(
+                "flusher %s: backend lost entries of %s: re-sending %d from the "
+                "queue, %d no longer held",
+                self.name,
+                describe_key(session_key),
+                loss.restored,
+                loss.lost,
+            )
 
     async def _send_batch(
         self, key: KeyRow, session_key: SessionKey, cursor: Cursor, bodies: list[bytes]
@@ -341,8 +617,9 @@ class Flusher:
             receipt: Receipt = await self._call(
                 "append_batch", backend.append_batch(session_key, batch)
             )
-        except (MarkBehindError, PermanentBackendError):
-            del self._in_doubt[ident]  # refused: nothing of it was written
+        except _BackendFailed as failed:
+            if isinstance(failed.error, MarkBehindError | PermanentBackendError):
+                del self._in_doubt[ident]  # refused: nothing of it was written
             raise
         del self._in_doubt[ident]
         # Does the transcript still hold nothing but this queue's entries of the key?
@@ -366,8 +643,8 @@ class Flusher:
         stored = await self._call("load", self.backend.load(session_key)) or []
         tail = stored[cursor.legacy_base + cursor.acked :]
         held = 0
-        for entry, body in zip(tail, bodies, strict=False):
-            if entry != decode_entry(body):
+        for entry, body in zip(tail, _decode_queued(cursor.acked, bodies), strict=False):
+            if entry != body:
                 break
             held += 1
         # The old protocol left no mark for this producer: the next batch expects none.
@@ -377,7 +654,7 @@ class Flusher:
     async def _send_foreign(
         self, key: KeyRow, session_key: SessionKey, cursor: Cursor, bodies: list[bytes]
     ) -> None:
-        entries = [decode_entry(b) for b in bodies]
+        entries = _decode_queued(cursor.acked, bodies)
         to_send = entries
         # Does the backend hold nothing but this queue's entries of the key (``solo``)?
         solo = cursor.acked == cursor.first_seq or cursor.solo_length is not None
@@ -397,12 +674,19 @@ class Flusher:
         await self.queue.ack(self.name, key.key_id, last + 1, last, length)
 
     async def _call(self, op: str, call: Awaitable[T]) -> T:
-        with telemetry.tracer.start_as_current_span(
-            "walmirror.backend_call",
-            attributes={"walmirror.backend": self.name, "walmirror.op": op},
-        ):
-            async with asyncio.timeout(self.tuning.call_timeout):
-                return await call
+        """A backend call, bounded by ``call_timeout``; whatever it raises comes out
+        as ``_BackendFailed`` (so it is told apart from walmirror's own errors)."""
+        with telemetry.span(
+            "walmirror.backend_call", {telemetry.BACKEND: self.name, telemetry.OP: op}
+        ) as span:
+            try:
+                async with asyncio.timeout(self.tuning.call_timeout):
+                    result = await call
+            except Exception as exc:
+                self._count_call(span, op, exc)
+                raise _BackendFailed(exc) from exc
+            self._count_call(span, op, None)
+            return result
 
     # -- health ------------------------------------------------------------------
 
@@ -411,6 +695,13 @@ class Flusher:
         self.retries_total += 1
         self.last_error, self.last_error_at = describe_error(exc), time.time()
         telemetry.backend_retries.add(1, {"backend": self.name})
+        telemetry.event(
+            "walmirror.backoff",
+            {
+                "walmirror.consecutive_failures": self.consecutive_failures,
+                **telemetry.error_attributes(exc),
+            },
+        )
         if self.consecutive_failures >= self.tuning.breaker_threshold:
             if self.breaker == "closed":
                 logger.warning(
@@ -419,16 +710,66 @@ class Flusher:
                     self.consecutive_failures,
                     self.last_error,
                 )
-            self.breaker = "open"
+            self._set_breaker("open")
         logger.debug("flusher %s: retryable failure: %s", self.name, self.last_error)
 
     def _record_success(self) -> None:
         if self.breaker != "closed":
             logger.info("flusher %s: backend answers again; breaker closed", self.name)
         self.consecutive_failures = 0
-        self.breaker = "closed"
+        self._set_breaker("closed")
+
+    def _set_breaker(self, state: BreakerState) -> None:
+        previous, self.breaker = self.breaker, state
+        if previous != state:
+            self._breaker_changed(previous, state)
+
+    def _breaker_changed(self, previous: BreakerState, state: BreakerState) -> None:
+        """Telemetry of a breaker transition; closing after an outage starts the
+        heal-to-caught-up clock, opening again stops it unrecorded."""
+        telemetry.event(
+            "walmirror.breaker",
+            {
+                "walmirror.breaker.from": previous,
+                "walmirror.breaker.to": state,
+                "walmirror.consecutive_failures": self.consecutive_failures,
+            },
+        )
+        telemetry.breaker_transitions.add(1, {"backend": self.name, "state": state})
+        if state == "closed":
+            self._healed_at = time.monotonic()
+        elif state == "open":
+            self._healed_at = None
+
+    def _note_backlog(self, oldest_age: float | None) -> None:
+        """At the start of a round: has the backend caught up since its breaker
+        closed, that is, is the oldest entry still to deliver (``oldest_age``
+        seconds old; None: nothing deliverable) younger than that moment?"""
+        if self._healed_at is None:
+            return
+        since = time.monotonic() - self._healed_at
+        if oldest_age is None or oldest_age < since:
+            self._healed_at = None
+            telemetry.heal_to_caught_up.record(since, {"backend": self.name})
+            telemetry.event("walmirror.caught_up", {"walmirror.heal_to_caught_up.seconds": since})
 
     @property
     def state(self) -> BreakerState:
-        """closed: healthy; open: failing, probing one key per ``backoff_max``."""
+        """closed: healthy; open: failing, only probes go out; half-open: a probe
+        (a queued item, for a backend without ``ping``) is on its way."""
         return self.breaker
+
+
+def _decode_queued(first_seq: int, bodies: list[bytes]) -> list[SessionStoreEntry]:
+    """Entries as the queue holds them; ``CorruptQueueError`` names the first that
+    does not parse (damage to the queue file: the key parks, the others go on)."""
+    entries: list[SessionStoreEntry] = []
+    for offset, body in enumerate(bodies):
+        try:
+            entries.append(decode_entry(body))
+        except (ValueError, RecursionError):
+            raise CorruptQueueError(
+                f"the queued entry at seq {first_seq + offset} of this key is not valid JSON "
+                "(the queue file is damaged)"
+            ) from None
+    return entries

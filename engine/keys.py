@@ -31,6 +31,16 @@ def _check_component(what: str, value: Any) -> None:
         raise InvalidKeyError(f"{what} must not contain '/' or '\\'")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise InvalidKeyError(f"{what} must not contain NUL or control characters")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate: what a file name that is not UTF-8 decodes to. It has no
+            # UTF-8 form, so no backend (nor the queue) can store it as a name.
+            raise InvalidKeyError(
+                f"{what} must be valid Unicode text (it holds a lone surrogate, e.g. from "
+                "a file name that is not UTF-8)"
+            ) from None
 
 
 def validate_key(key: Any) -> SessionKey:

@@ -63,6 +63,14 @@ Reads
 merging its queue into a read shows its queued entries with seq above its
 mark: the backend holds the others.
 
+Health
+------
+``ping()`` (optional, on any store): the backend's cheapest call that proves it
+answers (Redis ``PING``, PostgreSQL ``SELECT 1``, S3 ``HeadBucket``, a stat of
+FileStore's root). While a backend is failing, the flusher probes it with
+``ping`` rather than with real batches, and asks it whether a key that keeps
+failing is the key's problem or the backend's. See ``has_ping``.
+
 Foreign stores
 --------------
 A ``SessionStore`` without ``append_batch`` gets plain ``append`` calls:
@@ -83,6 +91,7 @@ from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
 from .errors import InvalidEntryError, MarkBehindError
 
 __all__ = [
+    "MAX_ENTRY_DEPTH",
     "MAX_SEQ",
     "PRODUCER_PATTERN",
     "Batch",
@@ -90,11 +99,13 @@ __all__ = [
     "ProducerStore",
     "Receipt",
     "check_batch",
+    "check_encodable",
     "decode_entry",
     "encode_entry",
     "implements",
     "is_producer_store",
     "skip_count",
+    "too_deep",
 ]
 
 PRODUCER_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -132,6 +143,55 @@ def decode_entry(body: bytes) -> SessionStoreEntry:
     return entry
 
 
+MAX_ENTRY_DEPTH = 500
+"""How deeply an entry's objects and arrays may nest. ``json`` parses recursively,
+so an entry nested close to Python's recursion limit (1000) encodes at ``append``
+and then fails to parse deeper in a call stack (the flusher's, a backend's, the
+caller's ``load``). 500 leaves the other half of the limit to the callers; real
+transcript entries nest a few dozen levels at most."""
+
+
+def too_deep(entry: Any, body: bytes) -> bool:
+    """True when ``entry`` (encoded as ``body``) nests deeper than ``MAX_ENTRY_DEPTH``.
+    Cheap for almost every entry: fewer brackets than the limit settles it."""
+    if body.count(b"[") + body.count(b"{") <= MAX_ENTRY_DEPTH:
+        return False
+    stack: list[tuple[Any, int]] = [(entry, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_ENTRY_DEPTH:
+            return True
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, dict | list))
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, dict | list | tuple))
+    return False
+
+
+def check_encodable(index: int, entry: Any) -> bytes:
+    """``encode_entry`` for a batch's ``index``-th entry, or ``InvalidEntryError``
+    with a message that names the problem and never quotes the entry."""
+    if not isinstance(entry, dict):
+        raise InvalidEntryError(
+            f"entry {index} of the batch must be a JSON object (dict), got {type(entry).__name__}"
+        )
+    try:
+        body = encode_entry(entry)
+    except RecursionError:
+        body = b""  # nested far too deep for json.dumps itself
+    except (TypeError, ValueError) as exc:
+        # The message of a json error can quote content (contract 9): its type only.
+        raise InvalidEntryError(
+            f"entry {index} of the batch is not JSON-serialisable ({type(exc).__name__})"
+        ) from None
+    if not body or too_deep(entry, body):
+        raise InvalidEntryError(
+            f"entry {index} of the batch nests objects and arrays deeper than "
+            f"{MAX_ENTRY_DEPTH} levels (walmirror.protocol.MAX_ENTRY_DEPTH)"
+        )
+    return body
+
+
 # -- the atomic step ----------------------------------------------------------------
 
 
@@ -161,12 +221,24 @@ class Batch:
     @property
     def entries(self) -> list[SessionStoreEntry]:
         if self._entries is None:  # one parse of the whole batch: ~5x cheaper than one per entry
-            entries = json.loads(b"[" + b",".join(self.encoded) + b"]")
-            if len(entries) != len(self.encoded):  # an element holding more than one value
-                entries = [decode_entry(b) for b in self.encoded]
+            try:
+                entries = json.loads(b"[" + b",".join(self.encoded) + b"]")
+            except (ValueError, RecursionError):
+                entries = None
+            if entries is None or len(entries) != len(self.encoded):
+                entries = [self._decode(i) for i in range(len(self.encoded))]
             object.__setattr__(self, "_entries", entries)
         assert self._entries is not None
         return self._entries
+
+    def _decode(self, index: int) -> SessionStoreEntry:
+        try:
+            return decode_entry(self.encoded[index])
+        except (ValueError, RecursionError):
+            # From the flusher, this means the producer's queue file is damaged.
+            raise InvalidEntryError(
+                f"the entry at seq {self.first_seq + index} of the batch is not valid JSON"
+            ) from None
 
     @classmethod
     def of(
@@ -177,18 +249,7 @@ class Batch:
         expect: int | None = None,
     ) -> Batch:
         """A batch from entries (encoding them); tests and foreign callers use this."""
-        encoded: list[bytes] = []
-        for index, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                raise InvalidEntryError(
-                    f"entry {index} of the batch is a {type(entry).__name__}, not a JSON object"
-                )
-            try:
-                encoded.append(encode_entry(entry))
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise InvalidEntryError(
-                    f"entry {index} of the batch is not JSON-serialisable ({type(exc).__name__})"
-                ) from None
+        encoded = [check_encodable(index, entry) for index, entry in enumerate(entries)]
         return cls(producer, first_seq, encoded, expect, list(entries))
 
 
@@ -248,6 +309,11 @@ def is_producer_store(store: SessionStore) -> bool:
     return callable(getattr(store, "append_batch", None)) and callable(
         getattr(store, "producer_mark", None)
     )
+
+
+def has_ping(store: SessionStore) -> bool:
+    """True when ``store`` offers the health call ``ping()`` (see the module)."""
+    return callable(getattr(store, "ping", None))
 
 
 def implements(store: SessionStore, method: str) -> bool:

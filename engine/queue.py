@@ -1,22 +1,26 @@
 """The write-ahead queue: a SQLite file where every entry is durable before ``append`` returns.
 
-Layout (schema version 2)::
+Layout (schema version 3)::
 
     meta       name -> value: schema_version, producer_id, seq_floor
     keys       key_id, project_key, session_id, subpath ('' = main),
                first_seq, next_seq, updated_at
     entries    id, key_id, seq, appended_at, nbytes, body      UNIQUE(key_id, seq)
-    uuids      (key_id, uuid)            the idempotency ledger; outlives compaction
+    uuids      (key_id, uuid)            the idempotency ledger; lives as long as its key
     cursors    (backend, key_id) -> acked, confirmed, solo_length, legacy_base
     parked     (backend, key_id) -> error, parked_at
-    tombstones id, backend, project_key, session_id, subpath ('' = whole session)
+    tombstones id, backend, project_key, session_id, subpath ('' = whole session),
+               parked_error, parked_at (a delete the backend refused for good)
     losses     id, backend, key, first_seq, last_seq, restored, detected_at
 
 The queue file is one *producer* of the delivery protocol (``walmirror.protocol``):
 ``producer_id`` is drawn at creation. A key's entries are numbered by ``seq``
-from its ``first_seq``, consecutively. A key's row is dropped by ``delete``;
-``seq_floor`` then rises past its last seq and a key created later starts
-there, so this producer never reuses a seq for a key. A backend's cursor says
+from its ``first_seq``, consecutively. A key's row is dropped by ``delete``, and
+by ``compact`` once the key is idle (no append for the retention period) and
+every backend acknowledged all of it (its bookkeeping is forgotten, so a host
+that served a million sessions is as fast as a new one); ``seq_floor`` then
+rises past its last seq and a key created later starts there, so this producer
+never reuses a seq for a key. A backend's cursor says
 which seqs it acknowledged: every seq below ``acked``; ``confirmed`` is the
 last of them as the backend reported it (the next batch's ``expect``), and
 ``solo_length`` the transcript's length when it held nothing but this
@@ -25,7 +29,8 @@ the backend is down). ``legacy_base`` is the offset base of a cursor migrated
 from schema 1. ``losses`` records what a backend lost that the queue could not
 restore (and what it restored). Entries acknowledged by every configured
 backend are deleted by ``compact`` after the retention period; the ``uuids``
-ledger stays until the key is deleted so a replayed entry is still recognised.
+ledger stays as long as the key's row, so an entry replayed while the session
+is active (the SDK's retries) is still recognised.
 
 Concurrency: the queue owns two SQLite connections (``walmirror.connection``),
 each on its own thread: the writer (every transaction) and the reader (WAL
@@ -39,23 +44,27 @@ its lock (one process per queue file) and its schema migrations are
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from claude_agent_sdk.types import SessionKey
 
-from .connection import Connection, Synchronous, settle
+from .connection import WAL_PAGES, Connection, Synchronous, settle
 from .errors import CorruptQueueError, QueueClosedError, QueueFullError
 from .schema import QueueFile
 
 logger = logging.getLogger("walmirror.queue")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,7 @@ class LocalSession:
 class Tombstone:
     id: int
     key: SessionKey  # a main key means the whole session
+    parked: str | None = None  # the error, when the backend refused it for good
 
 
 @dataclass
@@ -145,6 +155,7 @@ class BackendStats:
     lag_seconds: float = 0.0
     parked: list[dict[str, Any]] = field(default_factory=list)
     pending_deletes: int = 0
+    parked_deletes: list[dict[str, Any]] = field(default_factory=list)
     losses: list[Loss] = field(default_factory=list)
 
 
@@ -162,6 +173,67 @@ def _losses(conn: sqlite3.Connection, backend: str) -> list[Loss]:
             (backend,),
         )
     ]
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Undo the open transaction, if SQLite has not already: after some errors (a full
+    disk, I/O errors) it rolls back by itself, and a second ROLLBACK would raise
+    "cannot rollback - no transaction is active" over the real error."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+RESERVE_BYTES = 2 * WAL_PAGES * 4096
+"""Disk space the queue sets aside beside its file (``<queue>.reserve``) for the
+writes that move entries out or free space (acks, compaction, deletes). SQLite
+needs room for those too (WAL frames); when the disk fills up, the reserve is
+given back so that draining (and so freeing) keeps working. It is set aside again
+when a compaction has freed entries and the disk has the room."""
+
+
+COMPACT_CHUNK = 500
+"""Entries one compaction transaction deletes at most."""
+
+
+class DiskReserve:
+    """The reserve file (see ``RESERVE_BYTES``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fill(self) -> bool:
+        """Set the space aside, unless it already is; False when the disk has no room."""
+        if self.path.exists():
+            return True
+        partial = self.path.with_name(self.path.name + ".new")
+        try:
+            fd = os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+            os.replace(partial, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            return False
+        return True
+
+    def release(self) -> bool:
+        """Give the space back to the disk; False when there was none set aside."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        logger.warning("the disk holding %s is full: its reserve is released", self.path)
+        return True
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """SQLITE_FULL: the disk (or a size limit) has no room for the write."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
+    )
 
 
 def split_key(key: SessionKey) -> tuple[str, str, str]:
@@ -192,6 +264,8 @@ class WriteAheadQueue:
         self._writer = Connection(self.path, synchronous, "walmirror-writer")
         self._reader = Connection(self.path, synchronous, "walmirror-reader")
         self._file = QueueFile(self.path)
+        self._reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"))
+        self._disk_pressure = False  # writer-thread owned: the disk filled up, not yet freed
         self._backends: tuple[str, ...] = ()
         self._pending: deque[_AppendRequest] = deque()  # appended on the loop, taken by the writer
         # Writer-thread state: (project, session, subpath) -> [key_id, next_seq].
@@ -215,6 +289,7 @@ class WriteAheadQueue:
             await self._reader.open()
             self.stored_bytes = await self._writer.run(self._sum_bytes)
             self.producer_id, self._seq_floor = await self._writer.run(self._producer_state)
+            await self._writer.run(self._reserve.fill)
         except sqlite3.DatabaseError as exc:
             await self._close_connections()
             self._file.unlock()
@@ -247,6 +322,45 @@ class WriteAheadQueue:
     def _sum_bytes(self) -> int:
         row = self._writer.conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries").fetchone()
         return int(row[0])
+
+    async def _drain_write(self, fn: Callable[[], T]) -> T:
+        """A write on the draining side (an ack, a compaction, a delete...). On a full
+        disk, room is made (``_make_disk_room``) and the write tried again: what frees
+        the disk must not need free disk. Until the disk has room again, each such
+        write is followed by a truncating checkpoint, so the WAL never grows."""
+
+        def write() -> T:
+            result = fn()
+            if self._disk_pressure:
+                self._checkpoint_truncate()
+            return result
+
+        for _ in range(2):
+            try:
+                return await self._writer.run(write)
+            except sqlite3.OperationalError as exc:
+                if not _disk_full(exc):
+                    raise
+                await self._writer.run(self._make_disk_room)
+        return await self._writer.run(write)
+
+    def _make_disk_room(self) -> None:
+        """Writer thread, the disk is full: give the reserve back, and move the WAL's
+        frames into the database file and cut the WAL to nothing (the WAL only shrinks
+        that way; it is where a full disk mostly went)."""
+        self._disk_pressure = True
+        self._reserve.release()
+        self._checkpoint_truncate()
+
+    def _checkpoint_truncate(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def _refill_reserve(self) -> None:
+        """Writer thread, after a compaction: set the reserve aside again if the disk has
+        the room (then the pressure is over)."""
+        if self._reserve.fill():
+            self._disk_pressure = False
 
     # -- append (group commit) ---------------------------------------------
 
@@ -290,15 +404,28 @@ class WriteAheadQueue:
             return
         try:
             results = self._commit_group(group)
-        except sqlite3.OperationalError as exc:
-            error: BaseException = exc
-            if "full" in str(exc).lower():
-                error = QueueFullError(f"the disk holding queue {self.path} is full")
-            loop.call_soon_threadsafe(self._report, group, None, error)
-        except BaseException as exc:
-            loop.call_soon_threadsafe(self._report, group, None, exc)
+        except Exception as exc:
+            if len(group) == 1 or _disk_full(exc):
+                loop.call_soon_threadsafe(self._report, group, None, self._explain(exc))
+                return
+            # Something in one caller's input (or a bug): never fail the others for
+            # it. Commit each alone, so only the one at fault gets the error.
+            for request in group:
+                try:
+                    alone = self._commit_group([request])
+                except Exception as exc:
+                    loop.call_soon_threadsafe(self._report, [request], None, self._explain(exc))
+                else:
+                    loop.call_soon_threadsafe(self._report, [request], alone, None)
         else:
             loop.call_soon_threadsafe(self._report, group, results, None)
+
+    def _explain(self, exc: Exception) -> Exception:
+        if _disk_full(exc):
+            return QueueFullError(
+                f"the disk holding queue {self.path} is full; the batch was not stored"
+            )
+        return exc
 
     def _report(
         self,
@@ -341,7 +468,7 @@ class WriteAheadQueue:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             # The cache may hold keys created in the rolled-back transaction.
             self._key_cache.clear()
             raise
@@ -385,8 +512,11 @@ class WriteAheadQueue:
 
     # -- the flusher's view ------------------------------------------------
 
-    async def pending_keys(self, backend: str, limit: int) -> list[KeyRow]:
-        """Keys ``backend`` has not fully acknowledged, oldest first, parked ones left out."""
+    async def pending_keys(
+        self, backend: str, limit: int, exclude: Collection[int] = ()
+    ) -> list[KeyRow]:
+        """Keys ``backend`` has not fully acknowledged, oldest first, parked ones and
+        those in ``exclude`` (key ids) left out."""
 
         def query() -> list[KeyRow]:
             rows = self._reader.conn.execute(
@@ -395,10 +525,11 @@ class WriteAheadQueue:
                    WHERE c.backend = ? AND c.acked < k.next_seq
                      AND NOT EXISTS (SELECT 1 FROM parked p
                                      WHERE p.backend = c.backend AND p.key_id = c.key_id)
+                     AND c.key_id NOT IN (SELECT value FROM json_each(?))
                    ORDER BY (SELECT e.appended_at FROM entries e
                              WHERE e.key_id = c.key_id AND e.seq = c.acked)
                    LIMIT ?""",
-                (backend, limit),
+                (backend, json.dumps(list(exclude)), limit),
             ).fetchall()
             return [KeyRow(*r) for r in rows]
 
@@ -504,7 +635,7 @@ class WriteAheadQueue:
                 if self.synchronous == "FULL":
                     conn.execute("PRAGMA synchronous = FULL")
 
-        await self._writer.run(run)
+        await self._drain_write(run)
 
     async def rewind(self, backend: str, key_id: int, mark: int | None) -> Loss | None:
         """``backend`` lost entries it acknowledged and now holds this producer's
@@ -555,12 +686,12 @@ class WriteAheadQueue:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
             key = KeyRow(key_id, project_key, session_id, subpath).session_key()
             return Loss(key, wanted, acked - 1, acked - resume, now)
 
-        return await self._writer.run(run)
+        return await self._drain_write(run)
 
     async def park(self, backend: str, key_id: int, error: str) -> None:
         await self._write(
@@ -569,7 +700,8 @@ class WriteAheadQueue:
         )
 
     async def requeue(self, backend: str | None = None, key: SessionKey | None = None) -> int:
-        """Un-park keys (all, one backend's, or one key's); return how many were un-parked."""
+        """Un-park keys and deletes (all, one backend's, or one key's); return how many
+        were un-parked."""
         where, args = ["1"], []
         if backend is not None:
             where.append("backend = ?")
@@ -581,17 +713,33 @@ class WriteAheadQueue:
             )
             args.extend(split_key(key))
 
-        def run() -> int:
-            cur = self._writer.conn.execute(f"DELETE FROM parked WHERE {' AND '.join(where)}", args)
-            return int(cur.rowcount)
+        deletes, delete_args = ["parked_error IS NOT NULL"], []
+        if backend is not None:
+            deletes.append("backend = ?")
+            delete_args.append(backend)
+        if key is not None:
+            # A delete of the key, or of its whole session.
+            deletes.append("project_key = ? AND session_id = ? AND subpath IN (?, '')")
+            delete_args.extend(split_key(key))
 
-        return await self._writer.run(run)
+        def run() -> int:
+            conn = self._writer.conn
+            cur = conn.execute(f"DELETE FROM parked WHERE {' AND '.join(where)}", args)
+            keys = int(cur.rowcount)
+            cur = conn.execute(
+                "UPDATE tombstones SET parked_error = NULL, parked_at = NULL"
+                f" WHERE {' AND '.join(deletes)}",
+                delete_args,
+            )
+            return keys + int(cur.rowcount)
+
+        return await self._drain_write(run)
 
     async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
         def run() -> None:
             self._writer.conn.execute(sql, args)  # autocommit: one statement, one transaction
 
-        await self._writer.run(run)
+        await self._drain_write(run)
 
     # -- delete --------------------------------------------------------------
 
@@ -633,31 +781,41 @@ class WriteAheadQueue:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
             finally:
                 self._key_cache.clear()
             self._seq_floor = floor
             self.stored_bytes -= freed
 
-        await self._writer.run(run)
+        await self._drain_write(run)
 
     async def tombstones(self, backend: str) -> list[Tombstone]:
+        """Deletes waiting to reach ``backend``, oldest first, parked ones included."""
+
         def query() -> list[Tombstone]:
             rows = self._reader.conn.execute(
-                "SELECT id, project_key, session_id, subpath FROM tombstones"
+                "SELECT id, project_key, session_id, subpath, parked_error FROM tombstones"
                 " WHERE backend = ? ORDER BY id",
                 (backend,),
             ).fetchall()
             out = []
-            for tid, project_key, session_id, subpath in rows:
+            for tid, project_key, session_id, subpath, parked in rows:
                 key: SessionKey = {"project_key": project_key, "session_id": session_id}
                 if subpath:
                     key["subpath"] = subpath
-                out.append(Tombstone(tid, key))
+                out.append(Tombstone(tid, key, parked))
             return out
 
         return await self._reader.run(query)
+
+    async def park_delete(self, tombstone_id: int, error: str) -> None:
+        """The backend refused this delete for good: keep it (it still fences its key)
+        but stop sending it until ``requeue``."""
+        await self._write(
+            "UPDATE tombstones SET parked_error = ?, parked_at = ? WHERE id = ?",
+            (error, time.time(), tombstone_id),
+        )
 
     async def drop_tombstone(self, tombstone_id: int) -> None:
         await self._write("DELETE FROM tombstones WHERE id = ?", (tombstone_id,))
@@ -723,6 +881,24 @@ class WriteAheadQueue:
                 return None
             key_id, next_seq, updated_at, lowest = row[5:]
             return LocalView(key_id, next_seq, lowest, Cursor(*row[:5]), updated_at)
+
+        return await self._reader.run(query)
+
+    async def read_whole(self, key_id: int, from_seq: int) -> list[bytes] | None:
+        """Entries of ``key_id`` from ``from_seq`` on, or None unless the queue still
+        holds them all from exactly ``from_seq`` (compaction may have run since the
+        caller looked): one query, one snapshot."""
+
+        def query() -> list[bytes] | None:
+            bodies: list[bytes] = []
+            for seq, body in self._reader.conn.execute(
+                "SELECT seq, body FROM entries WHERE key_id = ? AND seq >= ? ORDER BY seq",
+                (key_id, from_seq),
+            ):
+                if seq != from_seq + len(bodies):
+                    return None
+                bodies.append(body)
+            return bodies
 
         return await self._reader.run(query)
 
@@ -795,7 +971,8 @@ class WriteAheadQueue:
     async def unmet(
         self, backend: str, targets: dict[int, int]
     ) -> tuple[dict[int, int], list[int]]:
-        """The part of ``targets`` ``backend`` has not reached yet, and which of those are parked.
+        """The part of ``targets`` ``backend`` has not reached yet, and which of those are
+        parked (or wait behind a parked delete).
 
         A key deleted since counts as reached: there is nothing left to deliver.
         """
@@ -806,9 +983,15 @@ class WriteAheadQueue:
             parked: list[int] = []
             for key_id, target in targets.items():
                 row = conn.execute(
-                    "SELECT c.acked, p.key_id IS NOT NULL FROM cursors c"
-                    " LEFT JOIN parked p ON p.backend = c.backend AND p.key_id = c.key_id"
-                    " WHERE c.backend = ? AND c.key_id = ?",
+                    """SELECT c.acked, p.key_id IS NOT NULL OR EXISTS (
+                           SELECT 1 FROM tombstones t JOIN keys k ON k.key_id = c.key_id
+                           WHERE t.backend = c.backend AND t.parked_error IS NOT NULL
+                             AND t.project_key = k.project_key
+                             AND t.session_id = k.session_id
+                             AND t.subpath IN ('', k.subpath))
+                       FROM cursors c
+                       LEFT JOIN parked p ON p.backend = c.backend AND p.key_id = c.key_id
+                       WHERE c.backend = ? AND c.key_id = ?""",
                     (backend, key_id),
                 ).fetchone()
                 if row is not None and row[0] < target:
@@ -819,34 +1002,93 @@ class WriteAheadQueue:
 
         return await self._reader.run(query)
 
-    async def compact(self, retention_seconds: float) -> int:
+    async def compact(
+        self, retention_seconds: float, forget_after: float | None = None, for_append: bool = False
+    ) -> int:
         """Delete entries every backend acknowledged more than ``retention_seconds``
-        ago (by append time); return how many.
+        ago (by append time); return how many. Keys idle for ``forget_after`` seconds
+        (``None``: never) with nothing left to deliver are forgotten: their row,
+        cursors and uuid ledger go.
 
         "Every backend" means every cursor in the file, including those of
         backends this process was not given: their entries are not ours to drop.
+        Deleted in chunks of ``COMPACT_CHUNK``, each its own transaction: appends
+        get the writer in between, and each needs little room on a full disk.
+        ``for_append``: an append looking for room; it never takes the disk reserve
+        (that is for draining) and, on a full disk, gives up quietly.
         """
+        cutoff = time.time() - retention_seconds
+        idle_since = None if forget_after is None else time.time() - forget_after
 
-        def run() -> int:
+        def chunk() -> int:
             conn = self._writer.conn
-            cutoff = time.time() - retention_seconds
-            acked_by_all = """appended_at <= ? AND seq < (
-                SELECT MIN(c.acked) FROM cursors c WHERE c.key_id = entries.key_id)"""
             conn.execute("BEGIN IMMEDIATE")
             try:
-                freed = conn.execute(
-                    f"SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM entries WHERE {acked_by_all}",
-                    (cutoff,),
-                ).fetchone()
-                conn.execute(f"DELETE FROM entries WHERE {acked_by_all}", (cutoff,))
+                rows = conn.execute(
+                    """SELECT id, nbytes FROM entries WHERE appended_at <= ? AND seq < (
+                           SELECT MIN(c.acked) FROM cursors c WHERE c.key_id = entries.key_id)
+                       LIMIT ?""",
+                    (cutoff, COMPACT_CHUNK),
+                ).fetchall()
+                if rows:  # (writing nothing needs no room on a full disk)
+                    conn.executemany("DELETE FROM entries WHERE id = ?", [(r[0],) for r in rows])
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
-            self.stored_bytes -= int(freed[0])
-            return int(freed[1])
+            self.stored_bytes -= sum(r[1] for r in rows)
+            return len(rows)
 
-        return await self._writer.run(run)
+        def forget() -> int:
+            """Idle keys every backend has all of: their bookkeeping goes (one chunk)."""
+            conn = self._writer.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    """SELECT k.key_id, k.next_seq, k.project_key, k.session_id, k.subpath
+                       FROM keys k WHERE k.updated_at <= ?
+                         AND NOT EXISTS (SELECT 1 FROM entries e WHERE e.key_id = k.key_id)
+                         AND NOT EXISTS (SELECT 1 FROM cursors c WHERE c.key_id = k.key_id
+                                         AND c.acked < k.next_seq)
+                         AND NOT EXISTS (SELECT 1 FROM parked p WHERE p.key_id = k.key_id)
+                       LIMIT ?""",
+                    (idle_since, COMPACT_CHUNK),
+                ).fetchall()
+                if rows:
+                    # This producer never reuses a seq for a key: a later row starts past these.
+                    floor = max([self._seq_floor, *(r[1] for r in rows)])
+                    conn.execute(
+                        "UPDATE meta SET value = ? WHERE name = 'seq_floor'", (str(floor),)
+                    )
+                    ids = [(r[0],) for r in rows]
+                    for table in ("uuids", "cursors", "keys"):
+                        conn.executemany(f"DELETE FROM {table} WHERE key_id = ?", ids)
+                conn.execute("COMMIT")
+            except BaseException:
+                rollback(conn)
+                raise
+            if rows:
+                self._seq_floor = floor
+                for row in rows:
+                    self._key_cache.pop((row[2], row[3], row[4]), None)
+            return len(rows)
+
+        total = 0
+        for step in (chunk,) if idle_since is None else (chunk, forget):
+            while True:
+                try:
+                    done = await (self._writer.run(step) if for_append else self._drain_write(step))
+                except sqlite3.OperationalError as exc:
+                    if for_append and _disk_full(exc):
+                        return total  # no room to compact in; draining will make some
+                    raise
+                if step is chunk:
+                    total += done
+                if done < COMPACT_CHUNK:
+                    break
+        if total:
+            await self._writer.run(self._refill_reserve)
+        return total
 
     async def stats(self, backend: str) -> BackendStats:
         def query() -> BackendStats:
@@ -887,6 +1129,19 @@ class WriteAheadQueue:
                     "SELECT COUNT(*) FROM tombstones WHERE backend = ?", (backend,)
                 ).fetchone()[0]
             )
+            stats.parked_deletes = [
+                {
+                    "key": Tombstone(0, KeyRow(0, *r[:3]).session_key()).key,
+                    "error": r[3],
+                    "parked_at": r[4],
+                }
+                for r in conn.execute(
+                    """SELECT project_key, session_id, subpath, parked_error, parked_at
+                       FROM tombstones WHERE backend = ? AND parked_error IS NOT NULL
+                       ORDER BY id""",
+                    (backend,),
+                )
+            ]
             return stats
 
         return await self._reader.run(query)

@@ -10,6 +10,7 @@ layout itself is described in ``walmirror.queue``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -17,11 +18,11 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import CorruptQueueError, QueueLockedError
+from .errors import CorruptQueueError, QueueLockedError, QueuePathError
 
 logger = logging.getLogger("walmirror.queue")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each step moves the schema from version i to i + 1; run in one transaction.
 MIGRATIONS: list[list[str]] = [
@@ -79,6 +80,12 @@ MIGRATIONS: list[list[str]] = [
         """INSERT OR IGNORE INTO meta (name, value)
            VALUES ('producer_id', lower(hex(randomblob(12))))""",
     ],
+    # 2 -> 3: a delete a backend refuses for good is parked (with its error), as a
+    # key is, instead of being retried at the head of every round.
+    [
+        """ALTER TABLE tombstones ADD COLUMN parked_error TEXT""",
+        """ALTER TABLE tombstones ADD COLUMN parked_at REAL""",
+    ],
 ]
 
 
@@ -90,9 +97,27 @@ class QueueFile:
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise QueuePathError(
+                f"wal_path {self.path} is a directory; give the queue a file name in it "
+                f"(e.g. {self.path / 'walmirror.db'})"
+            )
         lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            hint = {
+                "EROFS": "the filesystem is read-only",
+                "EACCES": "this process may not write there",
+                "EPERM": "this process may not write there",
+                "ENOSPC": "the disk is full",
+                "ENOTDIR": "a part of the path is a file, not a directory",
+            }.get(reason, "see the error code")
+            raise QueuePathError(
+                f"cannot create the queue's files next to {self.path} ({reason}: {hint})"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

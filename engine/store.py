@@ -11,10 +11,11 @@ each point of the contract maps to code and tests.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -42,7 +43,7 @@ from .errors import (
 )
 from .flusher import Flusher, SessionLocks, describe_error
 from .keys import describe_key, validate_key, validate_project_key
-from .protocol import decode_entry, encode_entry, implements, is_producer_store
+from .protocol import check_encodable, decode_entry, implements, is_producer_store
 from .queue import WriteAheadQueue
 
 logger = logging.getLogger("walmirror")
@@ -71,27 +72,30 @@ def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | No
         raise InvalidEntryError(f"entries must be a list, got {type(entries).__name__}")
     rows: list[tuple[str | None, bytes]] = []
     for index, entry in enumerate(entries):
-        if not isinstance(entry, Mapping):
-            raise InvalidEntryError(
-                f"entry {index} of the batch must be a JSON object (dict), "
-                f"got {type(entry).__name__}"
-            )
         try:
-            body = encode_entry(entry)
-        except (TypeError, ValueError, RecursionError) as exc:
-            # The message of a json error can quote content (contract 9): its type only.
-            raise InvalidEntryError(
-                f"entry {index} of the batch is not JSON-serialisable ({type(exc).__name__}); "
-                "nothing of the batch was stored"
-            ) from None
+            body = check_encodable(index, entry)
+        except InvalidEntryError as exc:
+            raise InvalidEntryError(f"{exc}; nothing of the batch was stored") from None
         if len(body) > max_entry_bytes:
             raise InvalidEntryError(
                 f"entry {index} of the batch is {len(body)} bytes, over the limit of "
                 f"{max_entry_bytes} (max_entry_bytes); nothing of the batch was stored"
             )
         uuid = entry.get("uuid")
-        rows.append((uuid if isinstance(uuid, str) and uuid else None, body))
+        rows.append((ledger_uuid(uuid) if isinstance(uuid, str) and uuid else None, body))
     return rows
+
+
+def ledger_uuid(uuid: str) -> str:
+    """The form of an entry's ``uuid`` in the queue's ledger: itself, or, when it holds
+    a lone surrogate (no UTF-8 form for SQLite), its JSON escape."""
+    if uuid.isascii():
+        return uuid
+    try:
+        uuid.encode()
+    except UnicodeEncodeError:
+        return json.dumps(uuid)
+    return uuid
 
 
 class DurableSessionStore(SessionStore):
@@ -144,6 +148,9 @@ class DurableSessionStore(SessionStore):
         self._closed = False
         self._gauges: telemetry.GaugeSource | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Appends past their checks and not yet committed: close() waits for them.
+        self._appending = 0
+        self._appends_done = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -221,20 +228,22 @@ class DurableSessionStore(SessionStore):
         }
         self._wake_flushers()
         while True:
-            short_total, parked, deletes = 0, 0, 0
+            short_total, parked, deletes, parked_deletes = 0, 0, 0, 0
             for flusher in flushers:
                 short, parked_ids = await self.queue.unmet(flusher.name, targets[flusher.name])
                 targets[flusher.name] = short
                 short_total += len(short)
                 parked += len(parked_ids)
                 mark = tombstone_marks[flusher.name]
-                deletes += sum(1 for t in await self.queue.tombstones(flusher.name) if t.id <= mark)
+                waiting = [t for t in await self.queue.tombstones(flusher.name) if t.id <= mark]
+                deletes += len(waiting)
+                parked_deletes += sum(1 for t in waiting if t.parked is not None)
             if short_total == 0 and deletes == 0:
                 return
-            if short_total and short_total == parked and deletes == 0:
+            if short_total == parked and deletes == parked_deletes:
                 raise FlushBlockedError(
-                    f"{parked} key(s) are parked after a permanent backend error; "
-                    "see status() and requeue()"
+                    f"{parked} key(s) and {parked_deletes} delete(s) are parked after a "
+                    "permanent backend error; see status() and requeue()"
                 )
             failing = give_up_on_failure and any(f.consecutive_failures for f in flushers)
             if failing or (deadline is not None and time.monotonic() >= deadline):
@@ -271,9 +280,17 @@ class DurableSessionStore(SessionStore):
         if not self._started:
             self._closed = True
             return CloseReport(drained=True)
-        self._closed = True
+        self._closed = True  # no new append gets in; those already in finish first
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._appending:
+            self._appends_done.clear()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(self._appends_done.wait(), left)
+            except TimeoutError:
+                break  # still waiting for room; the report counts what is queued
         try:
-            await self._flush(timeout)
+            await self._flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except (FlushTimeoutError, FlushBlockedError) as exc:
             logger.warning("close: %s", exc)
         for flusher in self.flushers:
@@ -285,6 +302,8 @@ class DurableSessionStore(SessionStore):
             report.parked_keys[flusher.name] = len(stats.parked)
             if stats.pending_entries or stats.pending_deletes:
                 report.drained = False
+        if self._appending:  # still waiting for room: it may yet be committed
+            report.drained = False
         await self.queue.close()
         return report
 
@@ -302,28 +321,55 @@ class DurableSessionStore(SessionStore):
             return
         await self._ensure_started()
         started = time.perf_counter()
-        with telemetry.tracer.start_as_current_span(
-            "walmirror.append", attributes={"walmirror.batch.entries": len(rows)}
-        ):
-            await self._make_room(sum(len(body) for _, body in rows))
-            accepted = await self.queue.append(key, rows)
+        self._appending += 1  # no await since _ensure_started: close() cannot slip between
+        try:
+            with telemetry.span("walmirror.append") as span:
+                if span.is_recording():  # no digest work when nobody records
+                    span.set_attributes(
+                        {
+                            telemetry.KEY_DIGEST: telemetry.key_digest(key),
+                            telemetry.ENTRIES: len(rows),
+                            telemetry.BYTES: sum(len(body) for _, body in rows),
+                        }
+                    )
+                try:
+                    accepted = await self._append_with_room(key, rows)
+                except Exception as exc:
+                    outcome = "full" if isinstance(exc, QueueFullError) else "error"
+                    telemetry.set_error(span, exc, outcome)
+                    raise
+                span.set_attributes(
+                    {telemetry.OUTCOME: "ok", "walmirror.entries.accepted": accepted}
+                )
+        finally:
+            self._appending -= 1
+            if not self._appending:
+                self._appends_done.set()
         telemetry.append_duration.record(time.perf_counter() - started)
         telemetry.entries_appended.add(accepted)
 
-    async def _make_room(self, nbytes: int) -> None:
-        if not self.queue.would_overflow(nbytes):
-            return
+    async def _append_with_room(self, key: SessionKey, rows: list[tuple[str | None, bytes]]) -> int:
+        """Commit ``rows``. When the queue is at its cap or its disk is full: make room
+        (acknowledged entries go now, retention or not) and, under
+        ``full_policy="wait"``, wait up to ``full_timeout`` for the backends to take some."""
+        nbytes = sum(len(body) for _, body in rows)
         deadline = time.monotonic() + self.tuning.full_timeout
         while True:
-            await self.queue.compact(0.0)  # acknowledged entries go now, retention or not
-            if not self.queue.would_overflow(nbytes):
-                return
-            if self.tuning.full_policy == "raise" or time.monotonic() >= deadline:
-                raise QueueFullError(
+            if self.queue.would_overflow(nbytes):
+                full = QueueFullError(
                     f"queue {self.queue.path} is full ({self.queue.stored_bytes} of "
                     f"{self.tuning.max_queue_bytes} bytes held, backends behind); "
                     "the batch was not stored"
                 )
+            else:
+                try:
+                    return await self.queue.append(key, rows)
+                except QueueFullError as exc:  # the disk is full, not the cap
+                    full = exc
+            if await self.queue.compact(0.0, self.tuning.forget_after, for_append=True):
+                continue  # room was made: try again at once
+            if self.tuning.full_policy == "raise" or time.monotonic() >= deadline:
+                raise full
             await asyncio.sleep(0.05)
 
     async def delete(self, key: SessionKey) -> None:
@@ -352,7 +398,10 @@ class DurableSessionStore(SessionStore):
             waiting = [
                 f
                 for f in self.flushers
-                if any(t.id <= marks[f.name] for t in await self.queue.tombstones(f.name))
+                if any(
+                    t.id <= marks[f.name] and t.parked is None
+                    for t in await self.queue.tombstones(f.name)
+                )
             ]
             if not waiting or any(f.consecutive_failures for f in waiting):
                 return
@@ -363,7 +412,7 @@ class DurableSessionStore(SessionStore):
                 pass
 
     async def requeue(self, key: SessionKey | None = None, backend: str | None = None) -> int:
-        """Un-park keys (all, or one key / one backend's); return how many."""
+        """Un-park keys and deletes (all, or one key's / one backend's); return how many."""
         await self._ensure_started()
         count = await self.queue.requeue(backend, None if key is None else validate_key(key))
         self._wake_flushers()
@@ -410,8 +459,15 @@ class DurableSessionStore(SessionStore):
                         )
                     remote = await self._read_backend("load", backend.load(key))
                 except BackendUnavailableError:
+                    # Look again: compaction may have run while the backend was failing.
+                    view = await self.queue.local_view(key, name)
                     if view is not None and view.complete:
-                        return await self._local_entries(view.key_id, view.cursor.first_seq)
+                        bodies = await self.queue.read_whole(view.key_id, view.cursor.first_seq)
+                        if (
+                            bodies is not None
+                            and len(bodies) >= view.next_seq - view.cursor.first_seq
+                        ):
+                            return [decode_entry(body) for body in bodies]
                     raise BackendUnavailableError(
                         f"cannot load {describe_key(key)}: backend {name} is unreachable and "
                         "the local queue does not hold the key's complete history"
@@ -534,6 +590,7 @@ class DurableSessionStore(SessionStore):
                     "pending_deletes": stats.pending_deletes,
                     "lag_seconds": round(stats.lag_seconds, 3),
                     "parked": stats.parked,
+                    "parked_deletes": stats.parked_deletes,
                     # What the backend lost after acknowledging it (contract 2): per
                     # key, seqs of this queue, how many were restored and lost.
                     "losses": [

@@ -56,6 +56,9 @@ class MemoryStore:
         length = len(await self.storage.data.load(key) or [])
         return Receipt(appended=len(new), mark=marks.get(batch.producer, -1), length=length)
 
+    async def ping(self) -> None:
+        await asyncio.sleep(0)
+
     async def producer_mark(self, key: SessionKey, producer: str) -> int | None:
         await asyncio.sleep(0)
         return self.storage.marks.get(_ident(key), {}).get(producer)

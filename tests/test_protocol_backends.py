@@ -18,7 +18,7 @@ from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.types import SessionKey
 from conftest import Connect
 
-from walmirror.protocol import Batch, MarkBehindError, Receipt, is_producer_store
+from walmirror.protocol import Batch, MarkBehindError, Receipt, has_ping, is_producer_store
 
 KEY: SessionKey = {"project_key": "proj", "session_id": "sess"}
 SUB: SessionKey = {**KEY, "subpath": "subagents/agent-1"}
@@ -35,6 +35,12 @@ def batch(producer: str, first: int, count: int, expect: int | None = None) -> B
 
 async def test_every_backend_speaks_the_protocol(connect_backend: Connect) -> None:
     assert is_producer_store(await connect_backend())
+
+
+async def test_every_backend_has_a_health_call(connect_backend: Connect) -> None:
+    store = await connect_backend()
+    assert has_ping(store)
+    await store.ping()  # type: ignore[attr-defined]
 
 
 async def test_a_batch_is_appended_and_the_receipt_says_so(connect_backend: Connect) -> None:
