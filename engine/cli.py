@@ -33,7 +33,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -104,13 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="append latency, ingest rate and a raw SQLite baseline, against the targets",
-        description="Measures durable append latency (backend healthy and down), local "
+        help="benchmarks: append latency and ingest, drain, or outage scenarios beside the SDK",
+        description="By default: durable append latency (backend healthy and down), local "
         "ingest with 1 and 50 sessions, and a raw SQLite commit on this machine as a "
-        "baseline; prints each figure next to its target from DESIGN.md.",
+        "baseline, each next to its target from DESIGN.md. --drain: drain throughput. "
+        "--scenario NAME: the SDK's own TranscriptMirrorBatcher writing to the backend "
+        "directly and through walmirror, side by side, through the same faults "
+        "(needs the bench extra: pip install 'walmirror[bench]').",
     )
     bench.add_argument("--quick", action="store_true", help="a few seconds, rough figures")
-    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument(
+        "--json",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="PATH",
+        help="with PATH: also write every figure and setting to PATH as JSON; "
+        "without: print JSON instead of a table",
+    )
     bench.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
     bench.add_argument("--dir", metavar="D", help="where the queues go (default: a temp dir)")
     bench.add_argument(
@@ -119,7 +130,121 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: drain throughput to Redis, PostgreSQL and S3 (moto) against the SDK's "
         "reference adapters",
     )
+    bench.add_argument(
+        "--otel",
+        choices=("console", "otlp"),
+        help="also export walmirror's spans and metrics: printed, or to an OTLP collector "
+        "(OTEL_EXPORTER_OTLP_ENDPOINT; needs pip install 'walmirror[otel]'); a scenario "
+        "exports from its walmirror worker",
+    )
+    _add_scenario_options(bench)
     return parser
+
+
+SCENARIO_NAMES = (
+    "steady",
+    "flapping",
+    "long-outage",
+    "slow-backend",
+    "lost-replies",
+    "crash-restart",
+)
+
+
+def _add_scenario_options(bench: argparse.ArgumentParser) -> None:
+    """``walmirror bench --scenario``: see walmirror.bench.scenarios and docs/benchmarks.md."""
+    g = bench.add_argument_group(
+        "scenarios",
+        "Outage simulations: the SDK batcher -> backend vs. SDK batcher -> walmirror -> "
+        "backend, same workload, same faults. Times are seconds from the run's start; "
+        "unset knobs take the scenario's defaults (shorter with --quick).",
+    )
+    g.add_argument("--scenario", choices=SCENARIO_NAMES, help="run this scenario")
+    g.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar="KNOB=V1,V2",
+        help="run the scenario (default long-outage) for every combination of one or two "
+        "tuning knobs (fields of walmirror.Tuning), walmirror only unless --systems",
+    )
+    g.add_argument(
+        "--backend",
+        metavar="URL",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="backend URL (default: a FileStore in a temp dir); the run writes under a "
+        "namespace of its own (directory, Redis prefix, PostgreSQL table, S3 prefix) and "
+        "removes it afterwards",
+    )
+    g.add_argument(
+        "--faults",
+        choices=("wrapper", "proxy"),
+        default="wrapper",
+        help="inject faults with the FaultyStore wrapper (any backend; default) or a TCP "
+        "fault proxy in front of a network backend's server",
+    )
+    g.add_argument("--plot", metavar="PATH.png", help="write the timeline (or sweep heat-map)")
+    g.add_argument("--sessions", type=int, metavar="N", help="concurrent sessions (10; quick 4)")
+    g.add_argument(
+        "--rate", type=float, metavar="N", help="entries/s, all sessions (1000; quick 200)"
+    )
+    g.add_argument("--entry-bytes", type=int, default=1000, metavar="B", help="entry size (1000)")
+    g.add_argument("--duration", type=float, metavar="S", help="how long the agents write")
+    g.add_argument(
+        "--subagent-share",
+        type=float,
+        default=0.2,
+        metavar="F",
+        help="share of frames written to subagent transcripts (0.2)",
+    )
+    g.add_argument(
+        "--uuidless-share",
+        type=float,
+        default=0.3,
+        metavar="F",
+        help="share of entries without a uuid (0.3)",
+    )
+    g.add_argument(
+        "--turn-seconds",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="the SDK flushes its batcher at each turn's end, every S s (1)",
+    )
+    g.add_argument("--seed", type=int, default=1, metavar="N", help="workload seed (1)")
+    g.add_argument("--outage-start", type=float, metavar="S", help="first fault window starts")
+    g.add_argument("--outage-seconds", type=float, metavar="S", help="fault window length")
+    g.add_argument("--flap-every", type=float, metavar="S", help="flapping: one outage every S s")
+    g.add_argument("--latency", type=float, metavar="S", help="slow-backend: added latency")
+    g.add_argument(
+        "--lost-reply-rate", type=float, metavar="F", help="lost-replies: share of replies lost"
+    )
+    g.add_argument("--crash-at", type=float, metavar="S", help="crash-restart: SIGKILL at S")
+    g.add_argument(
+        "--restart-delay", type=float, metavar="S", help="crash-restart: restart S after the kill"
+    )
+    g.add_argument(
+        "--tune",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="a walmirror tuning knob for the run (repeatable), e.g. backoff_max=1",
+    )
+    g.add_argument(
+        "--systems",
+        metavar="LIST",
+        help="comma-separated: sdk,walmirror (default both; a sweep: walmirror)",
+    )
+    g.add_argument("--sample-interval", type=float, metavar="S", help="timeline resolution")
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="after the run, wait up to S s for walmirror to drain (120)",
+    )
+    g.add_argument("--keep", action="store_true", help="keep what the run wrote to the backend")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_store_options(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -333,6 +458,9 @@ async def status(args: argparse.Namespace) -> int:
                     "pending_deletes": stats.pending_deletes,
                     "lag_seconds": round(stats.lag_seconds, 3),
                     "parked": [{**p, "key_text": describe_key(p["key"])} for p in stats.parked],
+                    "parked_deletes": [
+                        {**p, "key_text": describe_key(p["key"])} for p in stats.parked_deletes
+                    ],
                     # What the backend lost after acknowledging it (restored or not).
                     "losses": [
                         {
@@ -371,7 +499,7 @@ def _print_status(report: dict[str, Any]) -> None:
             str(b["pending_keys"]),
             str(b["pending_deletes"]),
             f"{b['lag_seconds']:.1f} s",
-            str(len(b["parked"])),
+            str(len(b["parked"]) + len(b["parked_deletes"])),
         )
         for b in report["backends"]
     ]
@@ -382,6 +510,11 @@ def _print_status(report: dict[str, Any]) -> None:
         for p in b["parked"]:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["parked_at"]))
             print(f"parked on {b['name']}: {p['key_text']} since {since}: {p['error']}")
+        for p in b["parked_deletes"]:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["parked_at"]))
+            print(
+                f"parked on {b['name']}: the delete of {p['key_text']} since {since}: {p['error']}"
+            )
         for loss in b["losses"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["detected_at"]))
             print(
@@ -540,17 +673,106 @@ async def run_demo(args: argparse.Namespace) -> int:
 
 
 async def run_bench(args: argparse.Namespace) -> int:
+    if args.otel and (args.scenario or args.sweep):
+        # The walmirror side of a scenario runs in a worker process: it exports.
+        os.environ[OTEL_ENV] = args.otel
+        return await run_scenario_bench(args)
+    if args.scenario or args.sweep:
+        return await run_scenario_bench(args)
+    stop_otel = _configure_otel(args.otel) if args.otel else None
+    try:
+        return await _run_plain_bench(args)
+    finally:
+        if stop_otel is not None:
+            stop_otel()
+
+
+OTEL_ENV = "WALMIRROR_BENCH_OTEL"
+"""How ``bench --otel`` reaches a scenario's worker process."""
+
+
+def _configure_otel(kind: str) -> Callable[[], None]:
+    from . import telemetry
+
+    try:
+        return telemetry.configure_exporters(kind)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def _run_plain_bench(args: argparse.Namespace) -> int:
     if args.drain:
         from walmirror.bench.drain import run
     else:
         from walmirror.bench.append import run  # only this command needs it
 
+    json_path = args.json if isinstance(args.json, str) else None
+    out = args.out or json_path
     return await run(
         quick=args.quick,
-        as_json=args.json,
-        out=Path(args.out) if args.out else None,
+        as_json=args.json is True,
+        out=Path(out) if out else None,
         directory=Path(args.dir) if args.dir else None,
     )
+
+
+async def run_scenario_bench(args: argparse.Namespace) -> int:
+    try:
+        from walmirror.bench.scenario_cli import run_cli
+        from walmirror.bench.scenarios import ScenarioError, Settings, parse_tuning
+    except ImportError as exc:
+        raise UsageError(
+            f"bench --scenario needs the bench extra: pip install 'walmirror[bench]' ({exc})"
+        ) from None
+    if args.drain:
+        raise UsageError("--drain and --scenario/--sweep are separate benchmarks")
+    backends = getattr(args, "backend", None) or []
+    if len(backends) > 1:
+        raise UsageError("bench --scenario takes one --backend")
+    json_path = args.json if isinstance(args.json, str) else args.out
+    try:
+        systems = (
+            tuple(s.strip() for s in args.systems.split(",") if s.strip())
+            if args.systems
+            else (("walmirror",) if args.sweep else ("sdk", "walmirror"))
+        )
+        settings = Settings(
+            scenario=args.scenario or "long-outage",
+            backend=backends[0] if backends else None,
+            faults=args.faults,
+            quick=args.quick,
+            sessions=args.sessions,
+            entries_per_s=args.rate,
+            entry_bytes=args.entry_bytes,
+            duration=args.duration,
+            subagent_share=args.subagent_share,
+            uuidless_share=args.uuidless_share,
+            turn_seconds=args.turn_seconds,
+            seed=args.seed,
+            outage_start=args.outage_start,
+            outage_seconds=args.outage_seconds,
+            flap_every=args.flap_every,
+            latency=args.latency,
+            lost_reply_rate=args.lost_reply_rate,
+            crash_at=args.crash_at,
+            restart_delay=args.restart_delay,
+            tuning=parse_tuning(args.tune),
+            systems=systems,
+            sample_interval=args.sample_interval,
+            drain_timeout=args.drain_timeout,
+            directory=Path(args.dir) if args.dir else None,
+            keep=args.keep,
+        )
+        return await run_cli(
+            settings,
+            sweep=args.sweep,
+            json_path=Path(json_path) if json_path else None,
+            print_json=args.json is True,
+            plot_path=Path(args.plot) if args.plot else None,
+            progress=not args.no_progress,
+        )
+    except ScenarioError as exc:
+        raise UsageError(str(exc)) from None
 
 
 COMMANDS = {

@@ -262,6 +262,10 @@ async def demo(options: DemoOptions) -> int:
         f"  inspect: walmirror verify --queue {directory / 'queue.db'} "
         f"--backend file://{directory / 'backend'}"
     )
+    print(
+        "  the same outage beside the SDK's own mirror path, with a plot: "
+        "walmirror bench --scenario long-outage --plot out.png (pip install 'walmirror[bench]')"
+    )
     bad = total.lost or total.duplicated or total.out_of_order or work.failed_appends
     return 1 if bad else 0
 

@@ -268,6 +268,13 @@ def test_bench_quick_json(tmp_path: Path) -> None:
     assert all(isinstance(c["met"], bool) for c in report["checks"])
 
 
+def test_bench_otel_console_exports_walmirror_spans_and_metrics(tmp_path: Path) -> None:
+    result = cli("bench", "--quick", "--otel", "console", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert '"name": "walmirror.append"' in result.stdout  # the console span exporter
+    assert '"name": "walmirror.entries.appended"' in result.stdout  # and the metrics
+
+
 def test_demo_checker_catches_loss_duplicates_and_reordering() -> None:
     sent = entries("e", 4)
     a, b, c, d = sent
