@@ -11,14 +11,15 @@ each point of the contract maps to code and tests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar, cast
 
 from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.types import (
@@ -43,6 +44,13 @@ from .errors import (
 )
 from .flusher import Flusher, SessionLocks, describe_error
 from .keys import describe_key, validate_key, validate_project_key
+from .loop_thread import (
+    LoopThread,
+    call_from_asyncio,
+    call_from_trio,
+    current_library,
+    unsupported,
+)
 from .protocol import check_encodable, decode_entry, implements, is_producer_store
 from .queue import WriteAheadQueue
 
@@ -98,6 +106,45 @@ def ledger_uuid(uuid: str) -> str:
     return uuid
 
 
+Method = TypeVar("Method", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def _on_engine_loop(method: Method) -> Method:
+    """A public coroutine method of the store. Under asyncio it runs on the caller's
+    loop; under trio (or from another asyncio loop once the store runs on its own),
+    on the store's own loop thread (``walmirror.loop_thread``)."""
+
+    @functools.wraps(method)
+    async def call(self: DurableSessionStore, *args: Any, **kwargs: Any) -> Any:
+        library = current_library()
+        thread = self._loop_thread
+        if thread is None:
+            if library == "asyncio":
+                return await method(self, *args, **kwargs)
+            if library != "trio":
+                raise unsupported(library)
+            thread = self._loop_thread = LoopThread(f"walmirror-engine-{id(self):x}")
+        elif thread.is_current():
+            return await method(self, *args, **kwargs)
+        elif self._closed:  # its loop has ended
+            if method.__name__ == "close":
+                return CloseReport(drained=True)
+            raise QueueClosedError("this DurableSessionStore was closed")
+        coro = method(self, *args, **kwargs)
+        try:
+            if library == "trio":
+                return await call_from_trio(thread, coro)
+            if library == "asyncio":
+                return await call_from_asyncio(thread, coro)
+            coro.close()
+            raise unsupported(library)
+        finally:
+            if method.__name__ == "close" and self._closed:
+                thread.stop()  # nothing more runs there
+
+    return cast(Method, call)
+
+
 class DurableSessionStore(SessionStore):
     """A ``SessionStore`` that never loses or duplicates an acknowledged entry.
 
@@ -148,12 +195,15 @@ class DurableSessionStore(SessionStore):
         self._closed = False
         self._gauges: telemetry.GaugeSource | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Under trio: the asyncio loop (on a thread of its own) the engine runs on.
+        self._loop_thread: LoopThread | None = None
         # Appends past their checks and not yet committed: close() waits for them.
         self._appending = 0
         self._appends_done = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------
 
+    @_on_engine_loop
     async def start(self) -> None:
         """Open the queue and start the flushers; what a previous process left drains now."""
         if self._closed:
@@ -204,6 +254,7 @@ class DurableSessionStore(SessionStore):
     ) -> None:
         await self.close()
 
+    @_on_engine_loop
     async def flush(self, timeout: float | None = None) -> None:
         """Barrier: return once every backend acknowledged everything appended (and
         every delete made) before this call. Raises ``FlushTimeoutError`` when
@@ -272,13 +323,22 @@ class DurableSessionStore(SessionStore):
         except (FlushTimeoutError, FlushBlockedError):
             pass
 
-    async def close(self, timeout: float | None = 30.0) -> CloseReport:
+    @_on_engine_loop
+    async def close(
+        self, timeout: float | None = 30.0, *, close_backends: bool = False
+    ) -> CloseReport:
         """Stop accepting appends, drain for up to ``timeout`` seconds, stop, and
-        report what remains queued (it drains on the next start)."""
+        report what remains queued (it drains on the next start).
+
+        ``close_backends``: also close the backends' clients (their ``aclose()`` or
+        ``close()``). Under trio pass it: the clients live on the store's own loop,
+        which ends here."""
         if self._closed:
             return CloseReport(drained=True)
         if not self._started:
             self._closed = True
+            if close_backends:
+                await self._close_backends()
             return CloseReport(drained=True)
         self._closed = True  # no new append gets in; those already in finish first
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -305,10 +365,25 @@ class DurableSessionStore(SessionStore):
         if self._appending:  # still waiting for room: it may yet be committed
             report.drained = False
         await self.queue.close()
+        if close_backends:
+            await self._close_backends()
         return report
+
+    async def _close_backends(self) -> None:
+        for backend in self.backends:
+            close = getattr(backend, "aclose", None) or getattr(backend, "close", None)
+            if not callable(close):
+                continue
+            try:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as exc:  # closing is best effort: say so, never raise
+                logger.warning("close: backend %s: %s", type(backend).__name__, describe_error(exc))
 
     # -- SessionStore: writes ----------------------------------------------------------
 
+    @_on_engine_loop
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         """Commit ``entries`` to the local queue (on disk when this returns).
 
@@ -372,6 +447,7 @@ class DurableSessionStore(SessionStore):
                 raise full
             await asyncio.sleep(0.05)
 
+    @_on_engine_loop
     async def delete(self, key: SessionKey) -> None:
         """Delete a key everywhere. Queued entries go at once; each backend gets the
         delete before anything appended later (a main key takes its subkeys with it).
@@ -411,6 +487,7 @@ class DurableSessionStore(SessionStore):
             except TimeoutError:
                 pass
 
+    @_on_engine_loop
     async def requeue(self, key: SessionKey | None = None, backend: str | None = None) -> int:
         """Un-park keys and deletes (all, or one key's / one backend's); return how many."""
         await self._ensure_started()
@@ -434,6 +511,7 @@ class DurableSessionStore(SessionStore):
                 f"{op}: backend {name} failed ({describe_error(exc)})"
             ) from exc
 
+    @_on_engine_loop
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         """The key's transcript: the first backend's entries, then those still queued.
 
@@ -492,6 +570,7 @@ class DurableSessionStore(SessionStore):
     async def _local_entries(self, key_id: int, from_seq: int) -> list[SessionStoreEntry]:
         return [decode_entry(body) for body in await self.queue.read_from(key_id, from_seq)]
 
+    @_on_engine_loop
     async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
         validate_project_key(project_key)
         await self._ensure_started()
@@ -507,6 +586,7 @@ class DurableSessionStore(SessionStore):
             mtimes[local.session_id] = max(mtimes.get(local.session_id, 0), mtime)
         return [{"session_id": sid, "mtime": mtime} for sid, mtime in mtimes.items()]
 
+    @_on_engine_loop
     async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
         """The backend's summaries with queued entries folded in (``fold_session_summary``)."""
         validate_project_key(project_key)
@@ -556,6 +636,7 @@ class DurableSessionStore(SessionStore):
             out.append(summary)
         return out
 
+    @_on_engine_loop
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
         checked = validate_key(dict(key))
         await self._ensure_started()
@@ -574,6 +655,7 @@ class DurableSessionStore(SessionStore):
 
     # -- operations ---------------------------------------------------------------------
 
+    @_on_engine_loop
     async def status(self) -> dict[str, Any]:
         """Per backend: pending entries and bytes, lag, parked keys, breaker, last error."""
         await self._ensure_started()
