@@ -81,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend-name", metavar="N", help="only this backend's parked keys (see status)"
     )
 
+    imp = _command(
+        sub,
+        "import",
+        "copy transcripts the Claude Code CLI wrote on disk into the backends, through "
+        "the queue; a second run adds nothing the backends already hold",
+    )
+    imp.add_argument(
+        "--config-dir",
+        metavar="D",
+        help="the CLI's config directory (default: $CLAUDE_CONFIG_DIR, else ~/.claude)",
+    )
+    imp.add_argument("--project", metavar="P", help="only this project (its directory name)")
+    imp.add_argument("--session", metavar="S", help="only this session id")
+    imp.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="wait up to S seconds for the backends to take everything (300)",
+    )
+
     check = _command(sub, "verify", "compare each backend with the local queue, key by key")
     check.add_argument("--json", action="store_true", help="print JSON reports")
 
@@ -561,6 +582,81 @@ async def drain(args: argparse.Namespace) -> int:
     return 1
 
 
+# -- import -----------------------------------------------------------------------------
+
+
+async def import_command(args: argparse.Namespace) -> int:
+    from .importer import find_transcripts, import_transcripts
+
+    config = args.config_dir or os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude"
+    raw = args.queue or os.environ.get("WALMIRROR_QUEUE")
+    path = Path(raw) if raw else Path.home() / ".cache" / "walmirror" / "import.db"
+    try:
+        transcripts = find_transcripts(Path(config), args.project, args.session)
+    except WalmirrorError as exc:
+        raise UsageError(str(exc)) from None
+    if not transcripts:
+        print(
+            f"nothing to import under {config} (project {args.project or 'any'}, "
+            f"session {args.session or 'any'})"
+        )
+        return 0
+    backends = _backends(args)
+    names = resolve_names(
+        known_names(path) if path.is_file() else [], backends, args.name, require_all=False
+    )
+    store = DurableSessionStore(backends, path, backend_names=names)
+    with _progress(len(transcripts)) as advance:
+        try:
+            report = await import_transcripts(
+                store, transcripts, lambda t, appended, skipped: advance(describe_key(t.key))
+            )
+            problem = None
+            try:
+                await store.flush(timeout=args.timeout)
+            except (FlushTimeoutError, FlushBlockedError) as exc:
+                problem = str(exc)
+        finally:
+            closed = await store.close(timeout=0.0, close_backends=True)
+    print(
+        f"imported {report.sessions} session(s), {report.transcripts} transcript(s) from "
+        f"{config}: {report.appended} entries appended, {report.skipped} already held"
+    )
+    if problem or not closed.drained:
+        print(
+            f"not all delivered yet ({problem or 'entries remain queued'}); they stay in "
+            f"{path}: run 'walmirror drain --queue {path}' once the backends answer"
+        )
+        return 1
+    print("every imported entry reached every backend.")
+    return 0
+
+
+class _progress:
+    """A progress bar (rich, when installed and on a terminal), else nothing."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[str], None]:
+        if sys.stderr.isatty():
+            try:
+                from rich.progress import Progress
+            except ImportError:
+                pass
+            else:
+                self._bar = Progress(transient=True)
+                self._bar.start()
+                task = self._bar.add_task("importing", total=self.total)
+                return lambda what: self._bar.update(task, advance=1, description=what[:60])
+        return lambda what: None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
 # -- requeue ----------------------------------------------------------------------------
 
 
@@ -778,6 +874,7 @@ async def run_scenario_bench(args: argparse.Namespace) -> int:
 COMMANDS = {
     "status": status,
     "drain": drain,
+    "import": import_command,
     "requeue": requeue,
     "verify": run_verify,
     "demo": run_demo,
