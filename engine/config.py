@@ -55,10 +55,11 @@ class Tuning:
     retention_seconds: float = 60.0
     compact_interval: float = 5.0
     # A key idle this long whose entries every backend acknowledged is forgotten: its
-    # row, cursors and uuid ledger go (a host stays as fast as a new one). An entry
-    # replayed after that (a re-import) is stored again: keep this above how long
-    # after a session's last append you may re-import or retry it.
-    forget_after: float = 86400.0
+    # row, cursors and uuid ledger go (a host stays as fast as a new one). The SDK's
+    # own retries come within seconds; an entry replayed later than this through
+    # plain append (the SDK's import_session_to_store re-run) is stored again.
+    # (`walmirror import` reads the backend first and needs no ledger.)
+    forget_after: float = 3600.0
     # Disk cap for queued entry bytes (None: unbounded) and what append does when full.
     max_queue_bytes: int | None = 1 << 30
     full_policy: Literal["wait", "raise"] = "wait"
