@@ -87,7 +87,11 @@ async def test_no_content_key_or_backend_message_in_telemetry_or_logs(
     make_durable: Callable[..., DurableSessionStore],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG)  # every logger, every level
+    # Every logger, every level; walmirror's own loggers too, which an earlier test
+    # (a demo or bench run in process) may have quietened.
+    caplog.set_level(logging.DEBUG)
+    for name in ("walmirror", "walmirror.flusher", "walmirror.queue"):
+        caplog.set_level(logging.DEBUG, logger=name)
     SPANS.clear()
     suffix = uuid.uuid4().hex[:8]
     names = (f"leak-protocol-{suffix}", f"leak-foreign-{suffix}")
