@@ -26,8 +26,10 @@ Synchronous = Literal["FULL", "NORMAL"]
 
 logger = logging.getLogger("walmirror.queue")
 
-WAL_PAGES = 256
-"""The WAL is checkpointed once it holds this many pages (1 MiB at 4 KiB pages)."""
+WAL_PAGES = 1000
+"""The WAL is checkpointed once it holds this many pages (SQLite's default; ~4 MiB at
+4 KiB pages). Smaller means more checkpoints on the commit path: at 256, ingest with
+50 sessions fell by a quarter."""
 
 
 class Connection:
@@ -58,9 +60,9 @@ class Connection:
         # journal_mode changes the file: it is set by _migrate, once the file is known
         # to be ours (a foreign database must be left byte for byte as it was).
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        # A small WAL: checkpointed past WAL_PAGES pages, and cut back to that size after
-        # a bigger transaction. On a full disk, a checkpoint needs room for what the WAL
-        # holds; the queue's disk reserve (twice this) is sized for it.
+        # A bounded WAL: checkpointed past WAL_PAGES pages, and cut back to that size
+        # after a bigger transaction. On a full disk, a checkpoint needs room for what the
+        # WAL holds; the queue's disk reserve (twice this) is sized for it.
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_PAGES * 4096}")
         self._conn = conn

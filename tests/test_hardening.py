@@ -137,7 +137,7 @@ async def test_a_full_disk_is_a_clear_error_and_draining_still_frees_it(
     inner = MemoryStore()
     faulty = FaultyStore(inner)
     faulty.down()
-    with small_disk(tmp_path / "disk", "6m") as disk:
+    with small_disk(tmp_path / "disk", "24m") as disk:
         store = DurableSessionStore(
             faulty,
             disk / "queue.db",
