@@ -51,7 +51,8 @@ class Tuning:
     breaker_threshold: int = 5
     probe_interval: float = 0.25
     probe_timeout: float = 2.0
-    # Acknowledged entries stay queued this long (reads survive an outage), then go.
+    # Entries stay queued this long after their append (and at least until every
+    # backend acknowledged them), so reads can answer from the queue in an outage.
     retention_seconds: float = 60.0
     compact_interval: float = 5.0
     # A key idle this long whose entries every backend acknowledged is forgotten: its

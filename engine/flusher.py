@@ -68,6 +68,11 @@ T = TypeVar("T")
 
 BreakerState = Literal["closed", "open", "half-open"]
 
+# What a round came to: something got done (look again at once); the backend failed
+# (back off, maybe open the breaker); everything tried failed on its own while the
+# backend answers (pace the rounds); nothing to do (sleep until there is).
+Verdict = Literal["done", "failed", "items_failed", "idle"]
+
 
 def describe_error(exc: BaseException) -> str:
     """The error as status, logs and telemetry show it: its type, and a message only
@@ -168,7 +173,10 @@ class Flusher:
         self._in_doubt: dict[tuple[str, str, str], tuple[SessionKey, Batch]] = {}
         # Keys and deletes that failed on their own while the backend was fine.
         self._cooling: dict[tuple[str, int], _Cooling] = {}
-        self._probe_turn = 0  # which queued item probes a backend without ping
+        # Items that probed a backend without ping since it last answered: each probe
+        # takes one not tried yet, so every queued item gets its turn.
+        self._probed: set[tuple[str, int]] = set()
+        self._items_failing = 0  # rounds in a row where all failed, the backend answering
         # Telemetry only: each failing item's failed attempts in a row (and when the
         # last was), and when the breaker last closed after an outage while what was
         # queued then is not yet all delivered (monotonic seconds).
@@ -201,25 +209,33 @@ class Flusher:
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            verdict: Verdict = "idle"
             try:
                 if self.breaker == "open" and self.has_ping:
-                    busy = await self._probe() and await self._round()
+                    verdict = await self._round() if await self._probe() else "failed"
                 else:
-                    busy = await self._round()
+                    verdict = await self._round()
                 if time.monotonic() - self._gauges_at >= 1.0:
                     self._gauges_at = time.monotonic()
                     self.gauges = await self.queue.depth(self.name)
             except asyncio.CancelledError:
-                raise
+                if _cancelled_from_outside():
+                    raise
+                # A backend client leaked a CancelledError: never let it end the flusher.
+                logger.error("flusher %s: round failed: a stray CancelledError", self.name)
+                self._record_failure(ConnectionError("stray CancelledError"))
             except Exception:  # a bug in walmirror itself; keep draining, loudly
                 logger.exception("flusher %s: round failed", self.name)
-                busy = False
                 self._record_failure(RuntimeError("internal flusher error"))
             if self.breaker == "open" and self.has_ping:
                 await asyncio.sleep(self.tuning.probe_interval)
             elif self.consecutive_failures:
                 await asyncio.sleep(self._backoff_delay())
-            elif not busy:
+            elif verdict == "items_failed":
+                # Everything tried failed though the backend answers (its writes may be
+                # broken: Redis out of memory, a read-only standby): pace the rounds.
+                await asyncio.sleep(self._backoff_delay(self._items_failing))
+            elif verdict == "idle":
                 await self._idle()
 
     async def _idle(self) -> None:
@@ -234,14 +250,18 @@ class Flusher:
         except TimeoutError:
             pass
 
-    def _backoff_delay(self) -> float:
-        if self.breaker != "closed":
-            return self.tuning.backoff_max
-        ceiling = min(
-            self.tuning.backoff_max,
-            self.tuning.backoff_initial * 2 ** (self.consecutive_failures - 1),
-        )
-        return random.uniform(0, ceiling)
+    def _backoff_delay(self, failures: int | None = None) -> float:
+        if failures is None:
+            if self.breaker != "closed":
+                return self.tuning.backoff_max
+            failures = self.consecutive_failures
+        return random.uniform(0, self._ceiling(failures))
+
+    def _ceiling(self, failures: int) -> float:
+        """Exponential backoff's ceiling after ``failures`` failures (the exponent is
+        capped: 2**1024 would overflow a float after a long outage)."""
+        growth: float = 2.0 ** min(failures - 1, 60)
+        return min(self.tuning.backoff_max, self.tuning.backoff_initial * growth)
 
     async def _probe(self) -> bool:
         """The breaker is open: ask the backend's health call. True (and the breaker
@@ -270,6 +290,12 @@ class Flusher:
             except Exception as exc:
                 self._count_call(span, "ping", exc)
                 return exc
+            except asyncio.CancelledError:
+                if _cancelled_from_outside():
+                    raise
+                error = ConnectionError("the health call was cancelled")
+                self._count_call(span, "ping", error)
+                return error
             self._count_call(span, "ping", None)
         return None
 
@@ -283,8 +309,8 @@ class Flusher:
             telemetry.set_error(span, exc, outcome)
         telemetry.backend_requests.add(1, {"backend": self.name, "op": op, "outcome": outcome})
 
-    async def _round(self) -> bool:
-        """One pass; True when it got something done (so look again at once)."""
+    async def _round(self) -> Verdict:
+        """One pass, and what came of it (see ``Verdict``)."""
         await self._maybe_compact()
         now = time.monotonic()
         cooling = {item for item, c in self._cooling.items() if c.until > now}
@@ -302,13 +328,13 @@ class Flusher:
             self.name, limit, exclude=[i for kind, i in cooling if kind == "key"]
         )
         if probing:
-            deletes, keys = self._pick_probe(deletes, keys)
+            deletes, keys = await self._pick_probe(deletes, cooling)
         if not deletes and not keys:
             if probing:
                 self.breaker = "open"
             else:
                 self._note_backlog(None)
-            return False
+            return "idle"
         with telemetry.span(
             "walmirror.flush_round",
             {
@@ -329,19 +355,26 @@ class Flusher:
                 outcomes += await asyncio.gather(*(self._deliver(key) for key in keys))
             return await self._judge(outcomes)
 
-    def _pick_probe(
-        self, deletes: list[Tombstone], keys: list[KeyRow]
+    async def _pick_probe(
+        self, deletes: list[Tombstone], cooling: set[tuple[str, int]]
     ) -> tuple[list[Tombstone], list[KeyRow]]:
-        """One item to probe a backend without ``ping`` with: a different one each time,
-        so an item that fails on its own cannot hold the breaker open for all."""
-        items: list[Tombstone | KeyRow] = [*deletes, *keys]
-        if not items:
-            return [], []
-        pick = items[self._probe_turn % len(items)]
-        self._probe_turn += 1
-        return ([pick], []) if isinstance(pick, Tombstone) else ([], [pick])
+        """One item to probe a backend without ``ping`` with: the oldest not tried since
+        the backend last answered, so items that fail on their own (however many)
+        cannot hold the breaker open for all; once all had a turn, round again."""
+        for _ in range(2):
+            for tombstone in deletes:
+                if ("delete", tombstone.id) not in self._probed:
+                    self._probed.add(("delete", tombstone.id))
+                    return [tombstone], []
+            skip = [i for kind, i in cooling | self._probed if kind == "key"]
+            keys = await self.queue.pending_keys(self.name, 1, exclude=skip)
+            if keys:
+                self._probed.add(("key", keys[0].key_id))
+                return [], keys
+            self._probed.clear()
+        return [], []
 
-    async def _judge(self, outcomes: list[_Outcome]) -> bool:
+    async def _judge(self, outcomes: list[_Outcome]) -> Verdict:
         """Settle the round: whose failures were they, the backend's or the items'?"""
         done = sum(1 for o in outcomes if o.done or o.permanent or o.rewound)
         delivered = sum(o.delivered for o in outcomes)
@@ -350,24 +383,44 @@ class Flusher:
             if outcome.error is None:
                 self._cooling.pop(outcome.item, None)
         backend_failed = [o for o in failed if not o.internal]
+        verdict: Verdict
         if backend_failed and not done and not (self.has_ping and await self._ping() is None):
             self._record_failure(backend_failed[0].error or RuntimeError())
-            verdict = "backend_failed"
+            if not self.has_ping:
+                # Without a health call nobody can tell whose failure it was: the items
+                # cool down too, as long as the backend backs off, so the next round
+                # (and the next probe) tries others.
+                for outcome in failed:
+                    self._cool(outcome, at_least=self.consecutive_failures)
+            verdict = "failed"
         else:
             for outcome in failed:  # the backend is fine: these items failed on their own
                 self._cool(outcome)
             if done or backend_failed:
                 self._record_success()
-            verdict = "items_failed" if failed else "ok"
+            verdict = "done" if done else "items_failed" if failed else "idle"
+        self._items_failing = self._items_failing + 1 if verdict == "items_failed" else 0
         telemetry.current_attributes({telemetry.OUTCOME: verdict, "walmirror.entries": delivered})
         if delivered:
             self.on_progress()
-        return done > 0
+        return verdict
 
-    def _cool(self, outcome: _Outcome) -> None:
+    def cooling(self, tombstone: Tombstone) -> bool:
+        """Did this delete fail on its own, and wait for its retry?"""
+        state = self._cooling.get(("delete", tombstone.id))
+        return state is not None and state.until > time.monotonic()
+
+    @property
+    def troubled(self) -> bool:
+        """Failing, or holding items that failed on their own and wait to be retried:
+        a caller waiting for this backend to catch up should not wait for long."""
+        now = time.monotonic()
+        return bool(self.consecutive_failures) or any(c.until > now for c in self._cooling.values())
+
+    def _cool(self, outcome: _Outcome, at_least: int = 1) -> None:
         previous = self._cooling.get(outcome.item)
-        failures = 1 if previous is None else previous.failures + 1
-        ceiling = min(self.tuning.backoff_max, self.tuning.backoff_initial * 2 ** (failures - 1))
+        failures = max(at_least, 1 if previous is None else previous.failures + 1)
+        ceiling = self._ceiling(failures)
         until = time.monotonic() + random.uniform(ceiling / 2, ceiling)
         self._cooling[outcome.item] = _Cooling(failures, until)
         self.retries_total += 1
@@ -685,6 +738,13 @@ class Flusher:
             except Exception as exc:
                 self._count_call(span, op, exc)
                 raise _BackendFailed(exc) from exc
+            except asyncio.CancelledError:
+                if _cancelled_from_outside():
+                    raise
+                # The client leaked a CancelledError of its own (a dropped connection).
+                error = ConnectionError("the backend call was cancelled")
+                self._count_call(span, op, error)
+                raise _BackendFailed(error) from None
             self._count_call(span, op, None)
             return result
 
@@ -714,6 +774,7 @@ class Flusher:
         logger.debug("flusher %s: retryable failure: %s", self.name, self.last_error)
 
     def _record_success(self) -> None:
+        self._probed.clear()
         if self.breaker != "closed":
             logger.info("flusher %s: backend answers again; breaker closed", self.name)
         self.consecutive_failures = 0
@@ -758,6 +819,13 @@ class Flusher:
         """closed: healthy; open: failing, only probes go out; half-open: a probe
         (a queued item, for a backend without ``ping``) is on its way."""
         return self.breaker
+
+
+def _cancelled_from_outside() -> bool:
+    """Is this task being cancelled (``stop``)? Else a CancelledError came up from a
+    backend's client, and must not end the flusher."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _decode_queued(first_seq: int, bodies: list[bytes]) -> list[SessionStoreEntry]:

@@ -9,6 +9,7 @@ main transcript has none (the empty string is invalid, as the SDK says).
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from claude_agent_sdk.types import SessionKey
@@ -32,6 +33,10 @@ def _check_component(what: str, value: Any) -> None:
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise InvalidKeyError(f"{what} must not contain NUL or control characters")
     if not value.isascii():
+        if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in value):
+            # C1 controls and the Unicode line and paragraph separators: line breaks
+            # to str.splitlines, so a key could forge lines in a log that prints it.
+            raise InvalidKeyError(f"{what} must not contain control characters or line breaks")
         try:
             value.encode()
         except UnicodeEncodeError:

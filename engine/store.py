@@ -296,7 +296,7 @@ class DurableSessionStore(SessionStore):
                     f"{parked} key(s) and {parked_deletes} delete(s) are parked after a "
                     "permanent backend error; see status() and requeue()"
                 )
-            failing = give_up_on_failure and any(f.consecutive_failures for f in flushers)
+            failing = give_up_on_failure and any(f.troubled for f in flushers)
             if failing or (deadline is not None and time.monotonic() >= deadline):
                 raise FlushTimeoutError(
                     f"flush timed out with {short_total} key(s) and {deletes} delete(s) "
@@ -314,7 +314,7 @@ class DurableSessionStore(SessionStore):
         queued entries, so listings come from one consistent source. Skipped while
         that backend is failing; whatever is still queued is merged in anyway."""
         reader = self.flushers[0]
-        if reader.consecutive_failures:
+        if reader.troubled:
             return
         try:
             await self._flush(
@@ -463,8 +463,8 @@ class DurableSessionStore(SessionStore):
         """Wait (up to ``timeout``) until every healthy backend applied the deletes
         made so far. Then an append another host makes after ``delete`` returned
         lands after the delete in the backend too (contract 5). A backend that is
-        failing is not waited for: its delete stays queued and goes first when it
-        is back."""
+        failing, or a delete that failed on its own and waits for its retry, is not
+        waited for: it stays queued and goes first when it can."""
         deadline = time.monotonic() + timeout
         marks = {
             f.name: max((t.id for t in await self.queue.tombstones(f.name)), default=0)
@@ -474,12 +474,13 @@ class DurableSessionStore(SessionStore):
             waiting = [
                 f
                 for f in self.flushers
-                if any(
-                    t.id <= marks[f.name] and t.parked is None
+                if not f.consecutive_failures
+                and any(
+                    t.id <= marks[f.name] and t.parked is None and not f.cooling(t)
                     for t in await self.queue.tombstones(f.name)
                 )
             ]
-            if not waiting or any(f.consecutive_failures for f in waiting):
+            if not waiting:
                 return
             self._progress.clear()
             try:

@@ -49,6 +49,14 @@ async def test_a_key_with_a_lone_surrogate_is_refused_clearly(
         await store.load(bad)
 
 
+@pytest.mark.parametrize("char", ["\x85", "\u2028", "\u2029", "\x9f"])
+def test_keys_with_c1_controls_or_unicode_line_breaks_are_refused(char: str) -> None:
+    from walmirror.keys import validate_key
+
+    with pytest.raises(InvalidKeyError, match="control characters or line breaks"):
+        validate_key({"project_key": "p", "session_id": f"a{char}b"})
+
+
 async def test_appends_sharing_a_commit_with_a_bad_key_all_succeed(
     make_durable: Callable[..., DurableSessionStore],
 ) -> None:

@@ -259,3 +259,83 @@ async def test_deep_entries_are_delivered_up_to_the_limit_and_refused_past_it(
         assert "entry 1 of the batch" in str(info.value)
         assert "nothing of the batch was stored" in str(info.value)
     assert await store.load(key(1)) is None
+
+
+@pytest.mark.parametrize("kind", ["protocol", "foreign"])
+async def test_more_bad_keys_than_a_round_holds_do_not_stop_the_others_without_ping(
+    make_durable: Callable[..., DurableSessionStore], kind: str
+) -> None:
+    """Without a health call nobody can tell a bad key from a down backend: the keys
+    that failed cool down too, so the next round (or probe) reaches the others, even
+    when more bad keys than ``max_parallel_keys`` are the oldest in the queue."""
+    inner = inner_of(kind)
+    faulty = FaultyStore(inner)
+    faulty.reject(
+        lambda k: k["session_id"].startswith("bad"),
+        ops={"append", "append_batch", "load"},
+        error=refused,
+    )
+    store = make_durable(faulty, **{**TUNING, "max_parallel_keys": 4})
+    for n in range(10):
+        await store.append({"project_key": "proj", "session_id": f"bad-{n}"}, [{"n": n}])
+    await eventually(lambda: asyncio.sleep(0, faulty.injected["reject"] >= 10))
+    for n in range(10):
+        await store.append(key(n), [{"n": n}])
+    for n in range(10):
+        await eventually(lambda n=n: holds(inner, key(n), 1))  # type: ignore[misc]
+
+
+async def test_a_cancelled_error_leaking_from_a_backend_does_not_end_the_flusher(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    inner = MemoryStore()
+    faulty = FaultyStore(inner)
+    faulty.reject(is_bad, ops={"append_batch"}, error=asyncio.CancelledError)
+    store = make_durable(faulty, **TUNING)
+    await store.append(BAD, [{"n": 0}])
+    await eventually(lambda: asyncio.sleep(0, faulty.injected["reject"] >= 3))
+    await store.append(key(0), [{"n": 0}])
+    await eventually(lambda: holds(inner, key(0), 1))
+    faulty.accept_all()
+    await store.flush(60)
+    assert await inner.load(BAD) == [{"n": 0}]
+
+
+async def test_a_delete_that_keeps_failing_does_not_hold_up_other_deletes_or_listings(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    """While the backend answers but one delete keeps failing, ``delete()`` of
+    another key and the listings do not wait out ``call_timeout`` (here far longer
+    than the guard)."""
+    inner = MemoryStore()
+    faulty = FaultyStore(inner)
+    faulty.reject(is_bad, ops={"delete"}, error=refused)
+    store = make_durable(faulty, **{**TUNING, "call_timeout": 3600.0})
+    await store.append(BAD, [{"n": 0}])
+    await store.append(key(0), [{"n": 0}])
+    await store.append({"project_key": "other", "session_id": "s"}, [{"n": 0}])
+    await store.flush(60)
+    await store.delete(BAD)  # the backend answers: this one waits until it failed once
+    await eventually(lambda: asyncio.sleep(0, faulty.injected["reject"] >= 2))
+    await asyncio.wait_for(store.delete(key(0)), 60)
+    assert await inner.load(key(0)) is None
+    assert await asyncio.wait_for(store.list_sessions("other"), 60)
+    assert await asyncio.wait_for(store.list_sessions("proj"), 60) == []
+
+
+async def test_a_very_long_outage_does_not_overflow_the_backoff(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    """2 ** (failures - 1) overflows a float after 1025 failures (about 85 minutes of
+    outage at the defaults): the flusher must still deliver once the backend heals."""
+    inner = MemoryStore()
+    faulty = FaultyStore(inner)
+    faulty.down()
+    store = make_durable(
+        faulty, backoff_initial=0.0001, backoff_max=0.0001, breaker_threshold=10**6
+    )
+    await store.append(key(0), [{"n": 0}])
+    await eventually(lambda: asyncio.sleep(0, faulty.calls["append_batch"] >= 1100), guard=120)
+    faulty.up()
+    await store.flush(60)
+    assert await inner.load(key(0)) == [{"n": 0}]
