@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,6 +12,7 @@ from claude_agent_sdk.testing.session_store_conformance import run_session_store
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
 from memory_store import MemoryStore
 
+import walmirror.faults
 from walmirror.errors import PermanentBackendError
 from walmirror.faults import FaultyStore
 from walmirror.protocol import Batch, implements, is_producer_store
@@ -22,6 +23,28 @@ OTHER: SessionKey = {"project_key": "proj", "session_id": "s2"}
 
 def entry(n: int) -> SessionStoreEntry:
     return {"type": "user", "uuid": f"u{n}", "n": n}
+
+
+class Clock:
+    """A monotonic clock the test moves by hand: outage windows are checked at exact
+    instants, whatever the machine's load (a busy machine only lengthens real sleeps)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """FaultyStore's clock (and only its clock) under the test's control."""
+    fake = Clock()
+    monkeypatch.setattr(walmirror.faults, "time", SimpleNamespace(monotonic=fake.monotonic))
+    return fake
 
 
 class MinimalStore:
@@ -37,22 +60,25 @@ class MinimalStore:
         return self.data.get(key["session_id"])
 
 
-async def test_down_raises_and_heals_after_duration() -> None:
+async def test_down_raises_and_heals_after_duration(clock: Clock) -> None:
     store = FaultyStore(InMemorySessionStore())
     store.down(0.1)
     with pytest.raises(ConnectionError, match="backend down"):
         await store.append(KEY, [entry(1)])
+    clock.advance(0.09)  # still inside the outage
     with pytest.raises(ConnectionError, match="backend down"):
         await store.load(KEY)
-    await asyncio.sleep(0.15)
+    clock.advance(0.02)  # past it: healed by itself
+    assert not store.is_down
     await store.append(KEY, [entry(1)])
     assert await store.load(KEY) == [entry(1)]
     assert store.injected["down"] == 2
 
 
-async def test_down_without_duration_until_up() -> None:
+async def test_down_without_duration_until_up(clock: Clock) -> None:
     store = FaultyStore(InMemorySessionStore())
     store.down()
+    clock.advance(1e9)  # no end of its own
     assert store.is_down
     with pytest.raises(ConnectionError):
         await store.append(KEY, [entry(1)])
@@ -60,21 +86,36 @@ async def test_down_without_duration_until_up() -> None:
     await store.append(KEY, [entry(1)])
 
 
-async def test_scheduled_outage_window() -> None:
+async def test_scheduled_outage_window(clock: Clock) -> None:
     store = FaultyStore(InMemorySessionStore())
     store.schedule_outage(after=0.2, duration=0.6)
+    clock.advance(0.19)
     await store.append(KEY, [entry(1)])  # before the window
-    await asyncio.sleep(0.3)
+    clock.advance(0.02)
     with pytest.raises(ConnectionError, match="backend down"):
-        await store.append(KEY, [entry(2)])  # inside
-    await asyncio.sleep(0.6)
+        await store.append(KEY, [entry(2)])  # inside, near its start
+    clock.advance(0.58)
+    with pytest.raises(ConnectionError, match="backend down"):
+        await store.append(KEY, [entry(2)])  # inside, near its end
+    clock.advance(0.02)
     await store.append(KEY, [entry(3)])  # after
     assert await store.load(KEY) == [entry(1), entry(3)]
 
 
-async def test_outage_relative_to_clock_start() -> None:
+async def test_outage_relative_to_clock_start(clock: Clock) -> None:
     store = FaultyStore(InMemorySessionStore())
+    clock.advance(5.0)
     store.restart_clock()
+    assert store.elapsed() == 0.0
+    store.outage(start=1.0, duration=2.0)  # from t=1 s to t=3 s after the restart
+    clock.advance(0.99)
+    assert not store.is_down
+    clock.advance(0.02)
+    assert store.is_down
+    clock.advance(1.97)
+    assert store.is_down and store.elapsed() == pytest.approx(2.98)
+    clock.advance(0.02)
+    assert not store.is_down
     store.outage(start=0.0, duration=60.0)
     assert store.is_down
     store.up()
@@ -151,11 +192,24 @@ async def test_hang_after_write_lands_then_times_out() -> None:
     assert store.injected["hang_after_write"] == 1
 
 
-async def test_latency_is_added() -> None:
-    store = FaultyStore(InMemorySessionStore(), latency=0.05)
-    start = time.monotonic()
+async def test_latency_is_added(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What is slept is recorded, not timed: the test holds on a saturated machine.
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(walmirror.faults, "asyncio", SimpleNamespace(sleep=recording_sleep))
+    store = FaultyStore(InMemorySessionStore(), latency=0.05, jitter=0.02, seed=3)
     await store.append(KEY, [entry(1)])
-    assert time.monotonic() - start >= 0.04
+    assert await store.load(KEY) == [entry(1)]
+    assert len(slept) == 2 and all(0.05 <= s <= 0.07 for s in slept), slept
+    assert slept[0] != slept[1]  # the jitter is drawn per call
+    store.latency = store.jitter = 0.0
+    await store.append(KEY, [entry(2)])
+    assert len(slept) == 2  # no latency, no sleep
 
 
 async def test_reject_hits_only_matching_keys() -> None:

@@ -290,7 +290,7 @@ async def test_entries_a_backend_lost_that_the_queue_compacted_are_reported(
     store, faulty = await hosts.host("A", retention_seconds=0.0, compact_interval=0.05)
     await store.append(KEY, turn_entries("before", 5))
     await store.flush(timeout=FLUSH)
-    async with asyncio.timeout(10):  # acknowledged entries are compacted away
+    async with asyncio.timeout(FLUSH):  # acknowledged entries are compacted away
         while (await store.queue.read_from(1, 0)) != []:
             await asyncio.sleep(0.02)
     await wipe(faulty)
@@ -328,7 +328,7 @@ async def test_a_write_in_doubt_on_the_deleting_host_cannot_come_back(hosts: Hos
     a, faulty = await hosts.host("A")
     faulty.hold_next(1)
     await a.append(KEY, turn_entries("doubt", 3))
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(FLUSH):
         while faulty.held < 1:
             await asyncio.sleep(0.005)
     faulty.down()  # the retry cannot land: the entries stay in doubt

@@ -65,6 +65,24 @@ def skey(key: SessionKey) -> str:
     return repr(sorted(key.items()))
 
 
+# A wait for something that must happen fails only after this long: a hang guard, not
+# a timing (the suite must pass on a saturated machine).
+HANG_GUARD = 60.0
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = HANG_GUARD) -> None:
+    """Poll ``condition`` (a function or a coroutine function) until it is true."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.02)
+
+
 # --- Fixtures -------------------------------------------------------------
 
 
@@ -141,9 +159,12 @@ class PrivateRedis:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        client = aioredis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = aioredis.Redis(port=self.port, socket_connect_timeout=1.0, socket_timeout=5.0)
+        deadline = asyncio.get_running_loop().time() + HANG_GUARD  # an AOF replay, a busy box
         try:
-            for _ in range(200):
+            while asyncio.get_running_loop().time() < deadline:
+                if self.proc.returncode is not None:
+                    break  # it exited (a port taken meanwhile, a bad option)
                 with contextlib.suppress(OSError, aioredis.RedisError):
                     if await client.ping():
                         return
@@ -813,18 +834,35 @@ async def test_concurrent_appenders_fold_every_entry_once_in_stored_order(
 # --- Retention -------------------------------------------------------------------
 
 
+# Expiry runs on the server's clock. The tests read it (PTTL) instead of sleeping a
+# fixed time: "has expired" is waited for, "has not expired yet" is checked right
+# after the write, with the whole TTL as the margin.
+TTL = 1.0
+
+
+async def pttls(raw: aioredis.Redis, prefix: str) -> dict[str, int]:
+    return {name: await raw.pttl(name) for name in await names_under(raw, prefix)}
+
+
+async def all_expired(raw: aioredis.Redis, prefix: str) -> None:
+    async def gone() -> bool:
+        return await names_under(raw, prefix) == []
+
+    await until(gone, "every key expired")
+
+
 async def test_ttl_expires_idle_sessions(
     make_store: MakeStore, raw: aioredis.Redis, prefix: str
 ) -> None:
-    store = make_store(ttl=0.4)
+    store = make_store(ttl=TTL)
     await store.append_batch(KEY, batch(0, TITLED[0]))
     await store.append_batch(SUB, batch(0, entries(1)))
-    names = await names_under(raw, prefix)
-    assert len(names) == 7  # transcripts, marks, subkey set, summary, index
-    for name in names:
-        assert 0 < await raw.pttl(name) <= 400, name
+    ttls = await pttls(raw, prefix)
+    assert len(ttls) == 7  # transcripts, marks, subkey set, summary, index
+    for name, left in ttls.items():
+        assert 0 < left <= TTL * 1000, name
     assert len(await store.list_sessions("proj")) == 1
-    await asyncio.sleep(0.5)
+    await all_expired(raw, prefix)
     assert await store.load(KEY) is None
     assert await store.list_sessions("proj") == []
     assert await store.list_session_summaries("proj") == []
@@ -835,24 +873,40 @@ async def test_ttl_expires_idle_sessions(
 async def test_marks_expire_with_the_data_and_a_deleted_keys_tombstone_with_its_ttl(
     make_store: MakeStore, raw: aioredis.Redis, prefix: str
 ) -> None:
-    store = make_store(ttl=0.4)
+    store = make_store(ttl=TTL)
     await store.append_batch(KEY, batch(0, entries(2)))
     await store.append(KEY, entries(1, start=2))  # a plain append slides the marks too
     await store.delete(KEY)
-    assert 0 < await raw.pttl(f"{prefix}:p:{{proj}}:sess") <= 400
+    assert 0 < await raw.pttl(f"{prefix}:p:{{proj}}:sess") <= TTL * 1000
     assert (await store.append_batch(KEY, batch(0, entries(2)))).appended == 0
-    await asyncio.sleep(0.5)
-    assert await names_under(raw, prefix) == []
+    await all_expired(raw, prefix)
     # An expired key is a deleted key whose tombstone expired too.
     with pytest.raises(MarkBehindError):
         await store.append_batch(KEY, batch(2, entries(1, start=2), expect=1))
 
 
-async def test_ttl_slides_with_each_append(make_store: MakeStore) -> None:
-    store = make_store(ttl=0.6)
-    for i in range(4):
+async def test_ttl_slides_with_each_append(
+    make_store: MakeStore, raw: aioredis.Redis, prefix: str
+) -> None:
+    # Each round waits (on the server's clock) until 40 % of the TTL is gone from
+    # every key, then appends: every key's TTL is full again. After three rounds more
+    # than the TTL has passed since the first append, and nothing expired.
+    ttl_ms = 1500
+    half_gone = ttl_ms * 0.6
+    store = make_store(ttl=ttl_ms / 1000)
+    await store.append(KEY, entries(1))
+    names = set(await pttls(raw, prefix))
+    for i in range(1, 4):
+
+        async def aged() -> bool:
+            return all(0 < left < half_gone for left in (await pttls(raw, prefix)).values())
+
+        await until(aged, "the keys' TTLs ran down")
         await store.append(KEY, entries(1, start=i))
-        await asyncio.sleep(0.25)
+        ttls = await pttls(raw, prefix)
+        assert set(ttls) == names
+        for name, left in ttls.items():
+            assert half_gone < left <= ttl_ms, name  # reset by the append
     assert await store.load(KEY) == entries(4)
     assert len(await store.list_sessions("proj")) == 1
 
@@ -894,11 +948,19 @@ async def test_check_server_warns_about_missing_persistence(
 
 async def call_until_it_lands(store: RedisStore, key: SessionKey, sent: Batch) -> Receipt:
     """What a flusher does: send the same batch again until a reply comes back."""
+    deadline = asyncio.get_running_loop().time() + HANG_GUARD
     while True:
         try:
             return await store.append_batch(key, sent)
         except (RedisError, OSError):
+            assert asyncio.get_running_loop().time() < deadline, "the batch never landed"
             await asyncio.sleep(0.01)
+
+
+# A proxy delay far past the client's socket timeout: the reply cannot come back in
+# time, however loaded the machine (the client closes the connection on its timeout,
+# so the held reply costs nothing).
+PROXY_DELAY = 10.0
 
 
 @pytest.mark.parametrize("mode", ["reset", "blackhole", "delay", "drop_replies"])
@@ -910,19 +972,27 @@ async def test_a_failed_call_then_its_retry_stores_the_batch_exactly_once(
     proxy = await FaultProxy.start(HOST, PORT)
     try:
         proxied = make_store(
-            f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=0.3, socket_connect_timeout=0.3
+            f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=1.0, socket_connect_timeout=1.0
         )
         direct = make_store()
-        await proxied.append_batch(KEY, batch(0, TITLED[0]))  # a pooled connection, warm
+        # A pooled connection, warm (retried: a healthy call may be slow on a busy machine).
+        await call_until_it_lands(proxied, KEY, batch(0, TITLED[0]))
         sent = batch(1, TITLED[1] + TITLED[2], expect=0)
         if mode == "delay":
-            proxy.set_mode("delay", seconds=0.6)  # past the client's 0.3 s socket timeout
+            proxy.set_mode("delay", seconds=PROXY_DELAY)  # far past the socket timeout
         else:
             proxy.set_mode(mode)  # type: ignore[arg-type]
         with pytest.raises((RedisError, OSError)):
             await proxied.append_batch(KEY, sent)
         landed = mode in ("delay", "drop_replies")
-        assert await direct.length(KEY) == (3 if landed else 1)
+        if landed:  # the request reached the server: wait until it is applied
+
+            async def applied() -> bool:
+                return await direct.length(KEY) == 3
+
+            await until(applied, "the write landed")
+        else:  # the request never reached the server (reset, blackhole)
+            assert await direct.length(KEY) == 1
         proxy.set_mode("pass")
         receipt = await call_until_it_lands(proxied, KEY, sent)
         assert receipt == Receipt(appended=0 if landed else 2, mark=2, length=3)
@@ -961,7 +1031,7 @@ async def test_concurrent_producers_through_a_flapping_network_land_exactly_once
         while not stop.is_set():
             mode = rng.choice(["pass", "pass", "reset", "drop_replies", "blackhole", "delay"])
             if mode == "delay":
-                proxy.set_mode("delay", seconds=0.4)
+                proxy.set_mode("delay", seconds=PROXY_DELAY)
             else:
                 proxy.set_mode(mode)  # type: ignore[arg-type]
             await asyncio.sleep(rng.uniform(0.02, 0.15))
@@ -1001,7 +1071,8 @@ async def test_a_restart_without_persistence_ends_in_mark_behind(
     # A restart that loses acknowledged entries loses their marks with them, and
     # the producer that was told "stored" learns it (contract 2: repaired or reported).
     server = await private_redis()  # --save "" --appendonly no
-    store = make_store(server.url, socket_timeout=0.5, socket_connect_timeout=0.3)
+    # A killed server refuses or resets at once: no timeout is part of the fault.
+    store = make_store(server.url, socket_timeout=5.0, socket_connect_timeout=5.0)
     await store.append_batch(KEY, batch(0, entries(3)))
     await store.append_batch(SUB, batch(0, entries(2)))
     await server.stop(signal.SIGKILL)
@@ -1018,7 +1089,8 @@ async def test_a_restart_with_aof_keeps_the_marks(
     make_store: MakeStore, private_redis: Callable[..., Any]
 ) -> None:
     server = await private_redis("--appendonly", "yes", "--appendfsync", "always")
-    store = make_store(server.url, socket_timeout=0.5, socket_connect_timeout=0.3)
+    # A killed server refuses or resets at once: no timeout is part of the fault.
+    store = make_store(server.url, socket_timeout=5.0, socket_connect_timeout=5.0)
     await store.append_batch(KEY, batch(0, entries(3)))
     await store.delete(KEY)  # the tombstone survives the restart too
     await server.stop(signal.SIGKILL)
@@ -1067,11 +1139,11 @@ async def retries(store: DurableSessionStore) -> int:
     return int((await store.status())["backends"][0]["retries"])
 
 
-async def wait_for_retries(store: DurableSessionStore, at_least: int, timeout: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while await retries(store) < at_least:
-        assert asyncio.get_running_loop().time() < deadline, "the fault never hit the flusher"
-        await asyncio.sleep(0.02)
+async def wait_for_retries(store: DurableSessionStore, at_least: int) -> None:
+    async def enough() -> bool:
+        return await retries(store) >= at_least
+
+    await until(enough, "the fault hit the flusher")
 
 
 async def assert_exactly_once(direct: RedisStore, appender: Appender) -> None:
@@ -1097,20 +1169,23 @@ async def test_exactly_once_through_network_faults(
         )
         appender = Appender(durable)
         await appender.rounds(3, 0.0)
-        await durable.flush(timeout=10)
+        await durable.flush(timeout=HANG_GUARD)
         landed_before = await direct.length(KEY)
 
         if mode == "delay":
-            proxy.set_mode("delay", seconds=0.6)  # past the client's 0.3 s socket timeout
+            proxy.set_mode("delay", seconds=PROXY_DELAY)  # far past the socket timeout
         else:
             proxy.set_mode(mode)  # type: ignore[arg-type]
         await appender.rounds(4, 0.05)
-        await wait_for_retries(durable, 2, timeout=10)
-        landed_during = await direct.length(KEY)
+        await wait_for_retries(durable, 2)
         if mode in ("delay", "drop_replies"):
-            assert landed_during > landed_before  # writes landed, their replies did not
+
+            async def landed() -> bool:  # writes landed, their replies did not
+                return await direct.length(KEY) > landed_before
+
+            await until(landed, "a write whose reply was lost landed")
         else:
-            assert landed_during == landed_before  # nothing got through
+            assert await direct.length(KEY) == landed_before  # nothing got through
         if mode == "blackhole":
             assert proxy.bytes_dropped > 0
         if mode in ("reset", "drop_replies"):
@@ -1118,7 +1193,7 @@ async def test_exactly_once_through_network_faults(
 
         proxy.set_mode("pass")
         await appender.rounds(2, 0.0)
-        await durable.flush(timeout=15)
+        await durable.flush(timeout=HANG_GUARD)
         await assert_exactly_once(direct, appender)
         assert (await durable.status())["backends"][0]["parked"] == []
         await durable.close(timeout=5)
@@ -1136,25 +1211,38 @@ async def test_exactly_once_across_a_redis_restart_mid_drain(
     # A non-persistent Redis forgets everything on restart; this one keeps every
     # acknowledged write (AOF, fsync before each reply).
     server = await private_redis("--appendonly", "yes", "--appendfsync", "always")
-    backend = make_store(server.url, socket_timeout=0.5, socket_connect_timeout=0.3)
+    # A stopped server refuses or resets at once: no timeout is part of the fault.
+    backend = make_store(server.url, socket_timeout=5.0, socket_connect_timeout=5.0)
     direct = make_store(server.url)
     assert await direct.check_server() == []
     durable = make_durable(
-        backend, call_timeout=1.0, max_batch_entries=7, batch_linger=0.0, backoff_max=0.05
+        backend, call_timeout=10.0, max_batch_entries=7, batch_linger=0.0, backoff_max=0.05
     )
     appender = Appender(durable)
-    writing = asyncio.create_task(appender.rounds(40, 0.02))
+    restarted = asyncio.Event()
+
+    async def write() -> None:  # before, during and after the outage
+        while not restarted.is_set():
+            await appender.rounds(1, 0.02)
+        await appender.rounds(10, 0.02)
+
+    async def delivering() -> bool:
+        return bool((await durable.status())["backends"][0]["delivered"])
+
+    writing = asyncio.create_task(write())
     try:
-        await asyncio.sleep(0.3)
-        delivered = (await durable.status())["backends"][0]["delivered"]
-        assert delivered > 0  # the drain is under way
+        await until(delivering, "the drain got under way")
+        failed_before = await retries(durable)
         await server.stop(sig)
-        await asyncio.sleep(0.3)  # appends go on: the agent never waits on the backend
+        # Appends go on (the agent never waits on the backend) and the flusher meets
+        # the dead server.
+        await wait_for_retries(durable, failed_before + 1)
+        await asyncio.sleep(0.1)
         await server.start()  # same port, same directory: the AOF is replayed
+        restarted.set()
         await writing
     finally:
         writing.cancel()
-    await durable.flush(timeout=20)
-    assert await retries(durable) > 0
+    await durable.flush(timeout=HANG_GUARD)
     await assert_exactly_once(direct, appender)
     await durable.close(timeout=5)

@@ -40,6 +40,7 @@ S3_CREDENTIALS = {
 KEY: SessionKey = {"project_key": "proj", "session_id": "handoff"}
 SUB: SessionKey = {**KEY, "subpath": "subagents/agent-1"}
 TUNING = {"backoff_initial": 0.01, "backoff_max": 0.1, "call_timeout": 5.0}
+HANG_GUARD = 60.0  # waits fail only after this long: a guard, not a timing
 
 # A backend kind: given a namespace (prefix / table / directory), build a new
 # client on the shared storage; plus a cleanup for that namespace.
@@ -117,16 +118,16 @@ async def test_a_session_handed_to_another_host_continues_and_late_retries_do_no
     try:
         await a.append(KEY, entries("a", 3))
         await a.append(SUB, entries("a-sub", 2))
-        async with asyncio.timeout(20):  # A's writes land, their replies are lost
+        async with asyncio.timeout(HANG_GUARD):  # A's writes land, their replies are lost
             while host_a.injected["lost_reply"] < 2:
                 await asyncio.sleep(0.01)
         # Host B takes the session over and continues it.
         await b.append(KEY, entries("b", 2))
         await b.append(SUB, entries("b-sub", 1))
-        await b.flush(timeout=20)
+        await b.flush(timeout=HANG_GUARD)
         # A's retry now repeats offsets B has already built on: a no-op.
         host_a.lost_reply_rate = 0.0
-        await a.flush(timeout=60)
+        await a.flush(timeout=HANG_GUARD)
         reader = await connect("")
         assert await reader.load(KEY) == entries("a", 3) + entries("b", 2)
         assert await reader.load(SUB) == entries("a-sub", 2) + entries("b-sub", 1)
@@ -152,13 +153,13 @@ async def test_fan_out_keeps_redis_current_while_s3_is_down_then_s3_catches_up(
             batch = entries(f"b{i}", 5)
             appended += batch
             await store.append(KEY, batch)
-        async with asyncio.timeout(20):  # Redis is current while S3 is down
+        async with asyncio.timeout(HANG_GUARD):  # Redis is current while S3 is down
             while (await redis.load(KEY) or []) != appended:
                 await asyncio.sleep(0.02)
         status = {b["name"]: b for b in (await store.status())["backends"]}
         assert status[store.backend_names[1]]["pending_entries"] == len(appended)
         s3.up()
-        await store.flush(timeout=30)
+        await store.flush(timeout=HANG_GUARD)
         assert await s3_inner.load(KEY) == appended
         assert await redis.load(KEY) == appended
     finally:
