@@ -457,7 +457,7 @@ async def status(args: argparse.Namespace) -> int:
         finally:
             await _close_backends(backends)
     queue = WriteAheadQueue(path)
-    await queue.open(names)
+    await queue.open_read_only()  # a live process may hold it: status only reads
     try:
         report: dict[str, Any] = {
             "queue": {

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 from .errors import QueueClosedError
 
@@ -37,8 +38,11 @@ class Connection:
     design), where a job is a whole function: a transaction of many statements costs one
     hop to the thread and one back, not one per statement."""
 
-    def __init__(self, path: Path, synchronous: Synchronous, name: str) -> None:
+    def __init__(
+        self, path: Path, synchronous: Synchronous, name: str, read_only: bool = False
+    ) -> None:
         self._path = path
+        self._read_only = read_only
         self._synchronous = synchronous
         self._name = name
         self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
@@ -55,7 +59,11 @@ class Connection:
                 logger.debug("%s: a job's event loop is closed", self._name)
 
     def _open(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        if self._read_only:  # inspection of a queue another process may be writing
+            uri = f"file:{quote(str(self._path.resolve()))}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")
         # journal_mode changes the file: it is set by _migrate, once the file is known
         # to be ours (a foreign database must be left byte for byte as it was).

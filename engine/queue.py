@@ -59,8 +59,8 @@ from typing import Any, TypeVar
 from claude_agent_sdk.types import SessionKey
 
 from .connection import WAL_PAGES, Connection, Synchronous, settle
-from .errors import CorruptQueueError, QueueClosedError, QueueFullError
-from .schema import QueueFile
+from .errors import CorruptQueueError, QueueClosedError, QueueFullError, QueuePathError
+from .schema import SCHEMA_VERSION, QueueFile
 
 logger = logging.getLogger("walmirror.queue")
 
@@ -301,6 +301,40 @@ class WriteAheadQueue:
             await self._close_connections()
             self._file.unlock()
             raise
+
+    async def open_read_only(self) -> None:
+        """Open for inspection (``walmirror status``) while another process may hold the
+        queue: no lock, nothing written, only the reader connection (read-only)."""
+        if not self.path.is_file():
+            raise QueuePathError(f"no queue file at {self.path}")
+        self._reader = Connection(self.path, self.synchronous, "walmirror-reader", read_only=True)
+        try:
+            await self._reader.open()
+            version = await self._reader.run(self._schema_version)
+        except sqlite3.DatabaseError as exc:
+            await self._reader.close()
+            raise CorruptQueueError(
+                f"queue file {self.path} is not a readable walmirror queue ({exc})"
+            ) from exc
+        if version != SCHEMA_VERSION:
+            await self._reader.close()
+            raise CorruptQueueError(
+                f"queue file {self.path} has schema {version}, this walmirror reads "
+                f"{SCHEMA_VERSION}: open it once with this version (or use the one that wrote it)"
+            )
+        self.stored_bytes = await self._reader.run(
+            lambda: int(
+                self._reader.conn.execute(
+                    "SELECT COALESCE(SUM(nbytes), 0) FROM entries"
+                ).fetchone()[0]
+            )
+        )
+
+    def _schema_version(self) -> int:
+        row = self._reader.conn.execute(
+            "SELECT value FROM meta WHERE name = 'schema_version'"
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     async def close(self) -> None:
         if self._closed:

@@ -144,6 +144,21 @@ def test_status_json_shows_pending(pending: tuple[Path, Path]) -> None:
     assert table.returncode == 0 and "pending" in table.stdout and "15" in table.stdout
 
 
+async def test_status_reads_a_queue_a_live_process_holds(tmp_path: Path) -> None:
+    """An operator watches a running host: status neither needs the queue's lock nor
+    writes anything."""
+    faulty = FaultyStore(FileStore(tmp_path / "root"))
+    faulty.down()
+    queue = tmp_path / "q.db"
+    async with DurableSessionStore(faulty, queue, backoff_max=0.1) as store:
+        await store.append(MAIN, [{"type": "user", "n": n} for n in range(4)])
+        result = await asyncio.to_thread(cli, "status", "--queue", str(queue), "--json")
+        assert result.returncode == 0, result.stderr
+        [backend] = json.loads(result.stdout)["backends"]
+        assert backend["pending_entries"] == 4
+        faulty.up()
+
+
 def test_drain_delivers_then_verify_is_clean(pending: tuple[Path, Path]) -> None:
     queue, root = pending
     result = cli("drain", *store_args(queue, root), "--timeout", "30")
