@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from walmirror.bench.scenarios import SYSTEM_LABELS
+from walmirror.cli import format_bytes
 
 __all__ = ["FIGURES", "SWEEP_METRICS", "heatmap", "live_progress", "plot", "result_table"]
 
@@ -81,7 +82,7 @@ def _fmt(value: Any, how: str) -> str:
     if how == "int":
         return f"{int(value):,}"
     if how == "bytes":
-        return _bytes(int(value)) if value else "-"
+        return format_bytes(int(value)) if value else "-"
     return f"{float(value):.2f}"
 
 
@@ -91,15 +92,6 @@ def _num(value: float) -> str:
     if value >= 1:
         return f"{value:.2f}"
     return f"{value:.3f}"
-
-
-def _bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def describe_run(result: dict[str, Any]) -> str:

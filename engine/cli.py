@@ -507,7 +507,7 @@ async def status(args: argparse.Namespace) -> int:
 
 def _print_status(report: dict[str, Any]) -> None:
     q = report["queue"]
-    print(f"queue {q['path']}: {q['keys']} keys, {_bytes(q['stored_bytes'])} held")
+    print(f"queue {q['path']}: {q['keys']} keys, {format_bytes(q['stored_bytes'])} held")
     if not report["backends"]:
         print("no backend has a cursor yet (nothing appended)")
         return
@@ -516,7 +516,7 @@ def _print_status(report: dict[str, Any]) -> None:
         (
             b["name"],
             str(b["pending_entries"]),
-            _bytes(b["pending_bytes"]),
+            format_bytes(b["pending_bytes"]),
             str(b["pending_keys"]),
             str(b["pending_deletes"]),
             f"{b['lag_seconds']:.1f} s",
@@ -896,7 +896,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """A byte count for people: 512 B, 1.5 KB, 20.0 MB."""
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
