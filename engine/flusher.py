@@ -173,6 +173,9 @@ class Flusher:
         self._in_doubt: dict[tuple[str, str, str], tuple[SessionKey, Batch]] = {}
         # Keys and deletes that failed on their own while the backend was fine.
         self._cooling: dict[tuple[str, int], _Cooling] = {}
+        # Keys this queue started afresh whose backend holds uuids they replay: the
+        # uuids, until the replayed part is past (see _held_uuids).
+        self._dedupe: dict[int, set[str]] = {}
         # Items that probed a backend without ping since it last answered: each probe
         # takes one not tried yet, so every queued item gets its turn.
         self._probed: set[tuple[str, int]] = set()
@@ -630,6 +633,9 @@ class Flusher:
                 skipped = await self._reconcile_legacy(key, session_key, cursor, bodies)
                 if skipped:
                     return skipped
+            held = await self._held_uuids(key, session_key, cursor, bodies)
+            if held:
+                return await self._send_unheld(key, session_key, cursor, bodies, held)
             await self._send_batch(key, session_key, cursor, bodies)
         else:
             await self._send_foreign(key, session_key, cursor, bodies)
@@ -684,6 +690,48 @@ class Flusher:
             else None
         )
         await self.queue.ack(self.name, key.key_id, batch.last_seq + 1, batch.last_seq, solo)
+
+    async def _held_uuids(
+        self, key: KeyRow, session_key: SessionKey, cursor: Cursor, bodies: list[bytes]
+    ) -> set[str] | None:
+        """The uuids the backend holds for this key, when this queue starts the key
+        afresh (no delivery of it yet) and may be replaying entries that another
+        queue stored (a re-import on another host, or after the key was forgotten):
+        the SDK asks stores to treat ``uuid`` as an idempotency key. None otherwise."""
+        if key.key_id in self._dedupe:
+            return self._dedupe[key.key_id]
+        fresh = cursor.acked == cursor.first_seq and cursor.confirmed is None
+        if not fresh or not any(b'"uuid"' in body for body in bodies):
+            return None
+        stored = await self._call("load", self.backend.load(session_key)) or []
+        held = {e["uuid"] for e in stored if isinstance(e, dict) and isinstance(e.get("uuid"), str)}
+        if held:
+            while len(self._dedupe) >= 256:  # a bounded working set
+                del self._dedupe[next(iter(self._dedupe))]
+            self._dedupe[key.key_id] = held
+        return held or None
+
+    async def _send_unheld(
+        self,
+        key: KeyRow,
+        session_key: SessionKey,
+        cursor: Cursor,
+        bodies: list[bytes],
+        held: set[str],
+    ) -> int:
+        """Deliver the batch's leading run of entries the backend does not hold (by
+        uuid), or step over a leading run it holds without sending it (seqs may skip:
+        marks only rise). One run per call; the next round goes on."""
+        entries = _decode_queued(cursor.acked, bodies)
+        holds = [isinstance(e.get("uuid"), str) and e["uuid"] in held for e in entries]
+        if not any(holds):
+            self._dedupe.pop(key.key_id, None)  # past the replayed part
+        run = next((i for i, h in enumerate(holds) if h != holds[0]), len(holds))
+        if holds[0]:
+            await self.queue.ack(self.name, key.key_id, cursor.acked + run, cursor.confirmed, None)
+            return run
+        await self._send_batch(key, session_key, cursor, bodies[:run])
+        return run
 
     async def _reconcile_legacy(
         self, key: KeyRow, session_key: SessionKey, cursor: Cursor, bodies: list[bytes]
