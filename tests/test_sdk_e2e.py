@@ -19,6 +19,9 @@ PostgreSQL, S3) through conftest's ``connect_backend``; a pass-through
    session with ``import_session_to_store`` adds no entry that carries a uuid.
 5. The SDK's store helpers on ``DurableSessionStore``, also while the backend
    is down (read your writes).
+6. A real session under trio (``anyio.run(..., backend="trio")``), on FileStore.
+7. ``walmirror import`` of what the real CLI wrote, twice: the second run adds
+   nothing (FileStore).
 
 Timeouts here are hang guards only; nothing asserts a duration.
 """
@@ -726,3 +729,83 @@ async def test_the_example_runs_as_written(api: FakeMessagesAPI, tmp_path: Path)
     # The session is in the backend, read without walmirror.
     stored = await backend_transcripts(FileStore(root), project_key(cwd), sid)
     assert user_prompts_in(stored[""]) == ["Say hello.", "Now say goodbye."]
+
+
+# -- 6. trio: the SDK runs on anyio, a user may pick trio ----------------------------------------
+
+
+def test_a_real_session_under_trio_is_mirrored(api: FakeMessagesAPI, tmp_path: Path) -> None:
+    """The SDK and the CLI under ``anyio.run(..., backend="trio")``, mirrored through
+    ``DurableSessionStore`` over FileStore: the store runs its engine on an asyncio
+    loop of its own, and the backend ends up with what the SDK sent."""
+    import anyio
+    from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, MirrorErrorMessage
+    from claude_agent_sdk import ResultMessage as Result
+    from sdk_e2e_support import HANG_GUARD, api_env
+
+    root, cwd, config_dir = tmp_path / "backend", tmp_path / "work", tmp_path / "host"
+    for path in (cwd, config_dir):
+        path.mkdir(parents=True)
+    durable = DurableSessionStore(FileStore(root), tmp_path / "q.db", **TUNING)
+    spy = SpyStore(durable)
+    seen: dict[str, Any] = {"errors": [], "session": None}
+
+    async def main() -> None:
+        options = ClaudeAgentOptions(
+            cwd=str(cwd),
+            env=api_env(api.base_url, config_dir),
+            session_store=spy,
+            allowed_tools=["Agent"],
+        )
+        with anyio.fail_after(HANG_GUARD):
+            async with ClaudeSDKClient(options) as client:
+                for prompt in PROMPTS:
+                    await client.query(prompt)
+                    async for message in client.receive_response():
+                        if isinstance(message, MirrorErrorMessage):
+                            seen["errors"].append(message)
+                        elif isinstance(message, Result):
+                            assert not message.is_error, message
+                            seen["session"] = message.session_id
+            await durable.flush(FLUSH_TIMEOUT)
+            await durable.close(10, close_backends=True)
+
+    anyio.run(main, backend="trio")
+    assert seen["errors"] == [] and spy.failed == []
+    stored = asyncio.run(backend_transcripts(FileStore(root), project_key(cwd), seen["session"]))
+    assert stored == spy.acked_by_subpath()
+    assert len(subagent_subpaths(stored)) == 1
+
+
+# -- 7. walmirror import: what the real CLI wrote, into a backend --------------------------------
+
+
+async def test_walmirror_import_copies_what_the_real_cli_wrote_once(
+    api: FakeMessagesAPI, tmp_path: Path
+) -> None:
+    from claude_agent_sdk import InMemorySessionStore
+    from test_cli import cli
+
+    cwd, config_dir, root = tmp_path / "work", tmp_path / "host", tmp_path / "backend"
+    run = await run_session(
+        InMemorySessionStore(),
+        api_url=api.base_url,
+        cwd=cwd,
+        config_dir=config_dir,
+        prompts=PROMPTS,
+    )
+    args = ("import", "--config-dir", str(config_dir), "--backend", f"file://{root}")
+    first = await asyncio.to_thread(cli, *args, "--queue", str(tmp_path / "q1.db"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    local = local_transcripts(config_dir)
+    stored = await backend_transcripts(FileStore(root), project_key(cwd), run.session_id)
+    # Every line the CLI wrote (as the SDK's own import_session_to_store copies it),
+    # and each subagent's .meta.json sidecar as an agent_metadata entry after it.
+    assert stored[""] == local[""]
+    (subpath,) = subagent_subpaths(stored)
+    assert stored[subpath][: len(local[subpath])] == local[subpath]
+    assert types_of(stored[subpath][len(local[subpath]) :]) == ["agent_metadata"]
+    # Again, from another queue (another machine): nothing is added, uuid or not.
+    again = await asyncio.to_thread(cli, *args, "--queue", str(tmp_path / "q2.db"))
+    assert again.returncode == 0 and " 0 entries appended" in again.stdout, again.stdout
+    assert await backend_transcripts(FileStore(root), project_key(cwd), run.session_id) == stored
