@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -264,15 +263,6 @@ async def test_crash_restart_loses_nothing_acknowledged(tmp_path: Path) -> None:
     assert result["systems"]["sdk"]["lost_acknowledged"] == 0
 
 
-def _redis_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _redis_up(), reason="no Redis on 127.0.0.1:6379")
 async def test_long_outage_on_redis_through_the_fault_proxy(tmp_path: Path) -> None:
     settings = Settings(
         scenario="long-outage",

@@ -374,13 +374,14 @@ def test_configure_exporters_refuses_unknown_kinds_and_set_providers() -> None:
         configure_exporters("console")
 
 
-def test_configure_exporters_otlp_without_the_extra_says_what_to_install() -> None:
-    try:
-        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("opentelemetry-exporter-otlp is installed")
+def test_configure_exporters_otlp_without_the_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if the otel extra were not installed (whether or not it is here).
+    for package in ("http", "grpc"):
+        for module in ("trace_exporter", "metric_exporter"):
+            name = f"opentelemetry.exporter.otlp.proto.{package}.{module}"
+            monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(RuntimeError, match=r"walmirror\[otel\]"):
         configure_exporters("otlp")
 
