@@ -45,7 +45,7 @@ from walmirror.backends import from_url
 from .errors import FlushBlockedError, FlushTimeoutError, WalmirrorError
 from .keys import describe_key, validate_key
 from .queue import WriteAheadQueue
-from .store import DurableSessionStore, default_cursor_name
+from .store import DurableSessionStore, close_backends, default_cursor_name
 from .verify import KeyReport, verify
 
 
@@ -428,20 +428,6 @@ def _print_warnings(warnings: Sequence[dict[str, str]]) -> None:
         print(f"warning: {w['backend']}: {w['text']}", file=sys.stderr)
 
 
-async def _close_backends(backends: Sequence[SessionStore]) -> None:
-    """Close backends built from URLs (``aclose()``, else ``close()``), ignoring errors."""
-    for backend in backends:
-        close = getattr(backend, "aclose", None) or getattr(backend, "close", None)
-        if not callable(close):
-            continue
-        try:
-            result = close()
-            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-                await result
-        except Exception as exc:
-            logging.getLogger("walmirror").debug("closing %r: %s", backend, exc)
-
-
 # -- status ---------------------------------------------------------------------------
 
 
@@ -455,7 +441,7 @@ async def status(args: argparse.Namespace) -> int:
             checked = resolve_names(names, backends, args.name, require_all=False)
             warnings = await check_backends(backends, checked)
         finally:
-            await _close_backends(backends)
+            await close_backends(backends)
     queue = WriteAheadQueue(path)
     await queue.open_read_only()  # a live process may hold it: status only reads
     try:
@@ -565,7 +551,7 @@ async def drain(args: argparse.Namespace) -> int:
         if problem:
             logging.getLogger("walmirror").setLevel(logging.ERROR)  # we report it ourselves
         report = await store.close(timeout=0.0 if problem else 10.0)
-        await _close_backends(store.backends)
+        await close_backends(store.backends)
     for name in store.backend_names:
         line = (
             f"{name}: delivered {delivered.get(name, 0)} entries in {elapsed:.1f} s; "
@@ -703,7 +689,7 @@ async def run_verify(args: argparse.Namespace) -> int:
         finally:
             await store.queue.close()
     finally:
-        await _close_backends(backends)
+        await close_backends(backends)
     # stderr in both forms: the --json output stays the list of key reports
     _print_warnings(warnings)
     if args.json:

@@ -19,6 +19,18 @@ from .errors import InvalidKeyError
 MAX_PART_LENGTH = 512
 
 
+def has_utf8_form(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (what a name that is not UTF-8, or a
+    truncated UTF-16 string, decodes to): SQLite and the backends cannot store it."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_component(what: str, value: Any) -> None:
     if not isinstance(value, str):
         raise InvalidKeyError(f"{what} must be a string, got {type(value).__name__}")
@@ -37,15 +49,11 @@ def _check_component(what: str, value: Any) -> None:
             # C1 controls and the Unicode line and paragraph separators: line breaks
             # to str.splitlines, so a key could forge lines in a log that prints it.
             raise InvalidKeyError(f"{what} must not contain control characters or line breaks")
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            # A lone surrogate: what a file name that is not UTF-8 decodes to. It has no
-            # UTF-8 form, so no backend (nor the queue) can store it as a name.
+        if not has_utf8_form(value):  # no backend (nor the queue) can store it as a name
             raise InvalidKeyError(
                 f"{what} must be valid Unicode text (it holds a lone surrogate, e.g. from "
                 "a file name that is not UTF-8)"
-            ) from None
+            )
 
 
 def validate_key(key: Any) -> SessionKey:

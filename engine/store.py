@@ -43,7 +43,7 @@ from .errors import (
     WalmirrorError,
 )
 from .flusher import Flusher, SessionLocks, describe_error
-from .keys import describe_key, validate_key, validate_project_key
+from .keys import describe_key, has_utf8_form, validate_key, validate_project_key
 from .loop_thread import (
     LoopThread,
     call_from_asyncio,
@@ -97,13 +97,22 @@ def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | No
 def ledger_uuid(uuid: str) -> str:
     """The form of an entry's ``uuid`` in the queue's ledger: itself, or, when it holds
     a lone surrogate (no UTF-8 form for SQLite), its JSON escape."""
-    if uuid.isascii():
-        return uuid
-    try:
-        uuid.encode()
-    except UnicodeEncodeError:
-        return json.dumps(uuid)
-    return uuid
+    return uuid if has_utf8_form(uuid) else json.dumps(uuid)
+
+
+async def close_backends(backends: Sequence[SessionStore]) -> None:
+    """Close backends' clients (``aclose()``, else ``close()``); best effort: a failure
+    is logged (its type only), never raised."""
+    for backend in backends:
+        close = getattr(backend, "aclose", None) or getattr(backend, "close", None)
+        if not callable(close):
+            continue
+        try:
+            result = close()
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                await result
+        except Exception as exc:
+            logger.debug("closing %s: %s", type(backend).__name__, describe_error(exc))
 
 
 Method = TypeVar("Method", bound=Callable[..., Coroutine[Any, Any, Any]])
@@ -370,16 +379,7 @@ class DurableSessionStore(SessionStore):
         return report
 
     async def _close_backends(self) -> None:
-        for backend in self.backends:
-            close = getattr(backend, "aclose", None) or getattr(backend, "close", None)
-            if not callable(close):
-                continue
-            try:
-                result = close()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception as exc:  # closing is best effort: say so, never raise
-                logger.warning("close: backend %s: %s", type(backend).__name__, describe_error(exc))
+        await close_backends(self.backends)
 
     # -- SessionStore: writes ----------------------------------------------------------
 
