@@ -7,7 +7,9 @@ A round of the loop:
 2. pick up to ``max_parallel_keys`` keys with unacknowledged entries, oldest
    first, skipping parked keys and keys cooling down after a failure;
 3. for each key, concurrently: read one batch (bounded by entries and bytes),
-   send it, and record the new cursor in the queue.
+   send it, and record the new cursor in the queue. A key whose batch went
+   through and that has more queued goes again while other keys of the round
+   are still in flight: no key idles waiting for the round's slowest call.
 
 Backends that speak the delivery protocol (``walmirror.protocol``) get
 ``append_batch(key, Batch(producer, first_seq, bodies, expect))``: the backend
@@ -50,7 +52,7 @@ import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
@@ -355,7 +357,10 @@ class Flusher:
                 self._note_backlog(age)
                 if age is not None and age < self.tuning.batch_linger:
                     await asyncio.sleep(self.tuning.batch_linger - age)
-                outcomes += await asyncio.gather(*(self._deliver(key) for key in keys))
+                running = [len(keys)]  # keys of this round still delivering
+                outcomes += await asyncio.gather(
+                    *(self._deliver_while_round_runs(key, running) for key in keys)
+                )
             return await self._judge(outcomes)
 
     async def _pick_probe(
@@ -553,6 +558,22 @@ class Flusher:
                 del self._in_doubt[ident]
 
     # -- one key ---------------------------------------------------------------
+
+    async def _deliver_while_round_runs(self, key: KeyRow, running: list[int]) -> _Outcome:
+        """Deliver ``key``'s batches one after another for as long as each goes through
+        in full and other keys of the round (``running[0]`` counts them, this one
+        included) are still in flight; one outcome for them all."""
+        try:
+            outcome = await self._deliver(key)
+            delivered = outcome.delivered
+            while outcome.done and outcome.delivered and running[0] > 1 and not self._stopping:
+                outcome = await self._deliver(key)
+                delivered += outcome.delivered
+            if delivered != outcome.delivered:  # it went more than once: it got through
+                outcome = replace(outcome, delivered=delivered, done=True)
+            return outcome
+        finally:
+            running[0] -= 1
 
     async def _deliver(self, key: KeyRow) -> _Outcome:
         item = ("key", key.key_id)

@@ -1,12 +1,15 @@
 """The write-ahead queue: a SQLite file where every entry is durable before ``append`` returns.
 
-Layout (schema version 3)::
+Layout (schema version 4)::
 
     meta       name -> value: schema_version, producer_id, seq_floor
     keys       key_id, project_key, session_id, subpath ('' = main),
                first_seq, next_seq, updated_at
-    entries    id, key_id, seq, appended_at, nbytes, body      UNIQUE(key_id, seq)
-    uuids      (key_id, uuid)            the idempotency ledger; lives as long as its key
+    batches    id, key_id, first_seq, count, appended_at, nbytes, body
+               UNIQUE(key_id, first_seq); one row per append: seqs first_seq ..
+               first_seq + count - 1, body their encoded JSON joined by b"\n"
+    ledger     id, key_id, uuids     the idempotency ledger: the uuids of one append
+               (a JSON array); lives as long as its key (``walmirror.ledger``)
     cursors    (backend, key_id) -> acked, confirmed, solo_length, legacy_base
     parked     (backend, key_id) -> error, parked_at
     tombstones id, backend, project_key, session_id, subpath ('' = whole session),
@@ -27,10 +30,15 @@ last of them as the backend reported it (the next batch's ``expect``), and
 producer's entries of this key (``load`` may then answer from the queue while
 the backend is down). ``legacy_base`` is the offset base of a cursor migrated
 from schema 1. ``losses`` records what a backend lost that the queue could not
-restore (and what it restored). Entries acknowledged by every configured
-backend are deleted by ``compact`` after the retention period; the ``uuids``
-ledger stays as long as the key's row, so an entry replayed while the session
-is active (the SDK's retries) is still recognised.
+restore (and what it restored). A batch whose entries every configured backend
+acknowledged is deleted by ``compact`` after the retention period (a batch
+acknowledged in part stays whole; reads start inside it); the ledger stays as
+long as the key's row, so an entry replayed while the session is active (the
+SDK's retries) is still recognised.
+
+Compact JSON (``encode_entry``) never holds a raw newline byte, so a batch's
+body splits back into its entries at b"\n"; a body that does not split into
+``count`` entries is damage, reported as ``CorruptQueueError``.
 
 Concurrency: the queue owns two SQLite connections (``walmirror.connection``),
 each on its own thread: the writer (every transaction) and the reader (WAL
@@ -51,7 +59,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +68,7 @@ from claude_agent_sdk.types import SessionKey
 
 from .connection import WAL_PAGES, Connection, Synchronous, settle
 from .errors import CorruptQueueError, QueueClosedError, QueueFullError, QueuePathError
+from .ledger import UuidLedger
 from .schema import SCHEMA_VERSION, QueueFile
 
 logger = logging.getLogger("walmirror.queue")
@@ -159,6 +168,36 @@ class BackendStats:
     losses: list[Loss] = field(default_factory=list)
 
 
+# The batch holding a cursor's first unacknowledged seq (c.acked), as a subquery: one
+# index seek. Only meaningful where c.acked < k.next_seq.
+_BATCH_AT_ACKED = """(SELECT b.appended_at FROM batches b
+    WHERE b.key_id = c.key_id AND b.first_seq <= c.acked
+    ORDER BY b.first_seq DESC LIMIT 1)"""
+
+# Batches of key ?1 holding seqs from ?2 on, oldest first (one index seek to the
+# batch holding ?2, or the first after it).
+_BATCHES_FROM = """SELECT first_seq, count, body FROM batches WHERE key_id = ?1
+    AND first_seq >= COALESCE(
+        (SELECT MAX(first_seq) FROM batches WHERE key_id = ?1 AND first_seq <= ?2), ?2)
+    ORDER BY first_seq"""
+
+
+def _entries_from(
+    conn: sqlite3.Connection, key_id: int, from_seq: int
+) -> Iterator[tuple[int, bytes]]:
+    """(seq, encoded entry) of ``key_id`` from ``from_seq`` on, in order, read lazily
+    (stop iterating to stop reading); a damaged batch is ``CorruptQueueError``."""
+    for first, count, body in conn.execute(_BATCHES_FROM, (key_id, from_seq)):
+        pieces = body.split(b"\n") if isinstance(body, bytes) else []
+        if len(pieces) != count:
+            raise CorruptQueueError(
+                f"the queued batch at seq {first} of this key holds {len(pieces)} entries "
+                f"where {count} were stored (the queue file is damaged)"
+            )
+        for i in range(max(0, from_seq - first), count):
+            yield first + i, pieces[i]
+
+
 # A cursor with its key's first seq: ``Cursor(*row[:5])``.
 _CURSOR_COLUMNS = "k.first_seq, c.acked, c.confirmed, c.solo_length, c.legacy_base"
 _CURSOR_SELECT = f"SELECT {_CURSOR_COLUMNS} FROM cursors c JOIN keys k ON k.key_id = c.key_id"
@@ -191,8 +230,8 @@ given back so that draining (and so freeing) keeps working. It is set aside agai
 when a compaction has freed entries and the disk has the room."""
 
 
-COMPACT_CHUNK = 500
-"""Entries one compaction transaction deletes at most."""
+COMPACT_CHUNK = 100
+"""Batches one compaction transaction deletes at most."""
 
 
 class DiskReserve:
@@ -270,6 +309,7 @@ class WriteAheadQueue:
         self._pending: deque[_AppendRequest] = deque()  # appended on the loop, taken by the writer
         # Writer-thread state: (project, session, subpath) -> [key_id, next_seq].
         self._key_cache: dict[tuple[str, str, str], list[int]] = {}
+        self._ledger = UuidLedger(self._ledger_uuids)  # writer-thread owned
         self._seq_floor = 0  # writer-thread owned: where a key new to the queue starts
         self.producer_id = ""  # this queue's id in the delivery protocol (set by open)
         self.stored_bytes = 0  # sum of nbytes of entries held; writer-thread owned
@@ -325,7 +365,7 @@ class WriteAheadQueue:
         self.stored_bytes = await self._reader.run(
             lambda: int(
                 self._reader.conn.execute(
-                    "SELECT COALESCE(SUM(nbytes), 0) FROM entries"
+                    "SELECT COALESCE(SUM(nbytes), 0) FROM batches"
                 ).fetchone()[0]
             )
         )
@@ -354,7 +394,7 @@ class WriteAheadQueue:
         return str(meta["producer_id"]), int(meta["seq_floor"])
 
     def _sum_bytes(self) -> int:
-        row = self._writer.conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries").fetchone()
+        row = self._writer.conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM batches").fetchone()
         return int(row[0])
 
     async def _drain_write(self, fn: Callable[[], T]) -> T:
@@ -431,11 +471,11 @@ class WriteAheadQueue:
     def _commit_pending(self, loop: asyncio.AbstractEventLoop) -> None:
         """Writer thread: commit every pending append in one transaction, then report
         back to the event loop in one call."""
+        if not self._pending:
+            return
         group: list[_AppendRequest] = []
         while self._pending:
             group.append(self._pending.popleft())
-        if not group:
-            return
         try:
             results = self._commit_group(group)
         except Exception as exc:
@@ -484,17 +524,22 @@ class WriteAheadQueue:
             for request in group:
                 state = touched.get(request.key) or self._key_state(request.key, now)
                 key_id, next_seq = state
-                rows = self._claim_uuids(key_id, request.rows)
-                conn.executemany(
-                    "INSERT INTO entries (key_id, seq, appended_at, nbytes, body)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (key_id, next_seq + i, now, len(body), body)
-                        for i, (_, body) in enumerate(rows)
-                    ],
-                )
+                rows = self._ledger.claim(key_id, request.rows)
+                if rows:
+                    nbytes = sum(len(body) for _, body in rows)
+                    conn.execute(
+                        "INSERT INTO batches (key_id, first_seq, count, appended_at, nbytes, body)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (key_id, next_seq, len(rows), now, nbytes, b"\n".join(b for _, b in rows)),
+                    )
+                    uuids = [uuid for uuid, _ in rows if uuid is not None]
+                    if uuids:
+                        conn.execute(
+                            "INSERT INTO ledger (key_id, uuids) VALUES (?, ?)",
+                            (key_id, json.dumps(uuids)),
+                        )
+                    added_bytes += nbytes
                 touched[request.key] = [key_id, next_seq + len(rows)]
-                added_bytes += sum(len(body) for _, body in rows)
                 accepted.append(len(rows))
             conn.executemany(
                 "UPDATE keys SET next_seq = ?, updated_at = ? WHERE key_id = ?",
@@ -503,8 +548,9 @@ class WriteAheadQueue:
             conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
-            # The cache may hold keys created in the rolled-back transaction.
+            # The caches may hold keys and uuids of the rolled-back transaction.
             self._key_cache.clear()
+            self._ledger.clear()
             raise
         self._key_cache.update(touched)
         self.stored_bytes += added_bytes
@@ -535,14 +581,14 @@ class WriteAheadQueue:
         )
         return [key_id, floor]
 
-    def _claim_uuids(
-        self, key_id: int, rows: list[tuple[str | None, bytes]]
-    ) -> list[tuple[str | None, bytes]]:
-        """Record each row's uuid in the key's ledger; drop the rows whose uuid was
-        there already (including a uuid repeated inside the batch)."""
-        insert = "INSERT OR IGNORE INTO uuids (key_id, uuid) VALUES (?, ?)"
-        execute = self._writer.conn.execute
-        return [row for row in rows if row[0] is None or execute(insert, (key_id, row[0])).rowcount]
+    def _ledger_uuids(self, key_id: int) -> list[str]:
+        """Writer thread: every uuid the key's ledger holds (``UuidLedger`` reads these)."""
+        uuids: list[str] = []
+        for (text,) in self._writer.conn.execute(
+            "SELECT uuids FROM ledger WHERE key_id = ?", (key_id,)
+        ):
+            uuids.extend(json.loads(text))
+        return uuids
 
     # -- the flusher's view ------------------------------------------------
 
@@ -554,14 +600,13 @@ class WriteAheadQueue:
 
         def query() -> list[KeyRow]:
             rows = self._reader.conn.execute(
-                """SELECT k.key_id, k.project_key, k.session_id, k.subpath
+                f"""SELECT k.key_id, k.project_key, k.session_id, k.subpath
                    FROM cursors c JOIN keys k ON k.key_id = c.key_id
                    WHERE c.backend = ? AND c.acked < k.next_seq
                      AND NOT EXISTS (SELECT 1 FROM parked p
                                      WHERE p.backend = c.backend AND p.key_id = c.key_id)
                      AND c.key_id NOT IN (SELECT value FROM json_each(?))
-                   ORDER BY (SELECT e.appended_at FROM entries e
-                             WHERE e.key_id = c.key_id AND e.seq = c.acked)
+                   ORDER BY {_BATCH_AT_ACKED}
                    LIMIT ?""",
                 (backend, json.dumps(list(exclude)), limit),
             ).fetchall()
@@ -574,9 +619,9 @@ class WriteAheadQueue:
 
         def query() -> float | None:
             row = self._reader.conn.execute(
-                """SELECT MIN(e.appended_at) FROM cursors c
-                   JOIN entries e ON e.key_id = c.key_id AND e.seq = c.acked
-                   WHERE c.backend = ?""",
+                f"""SELECT MIN({_BATCH_AT_ACKED}) FROM cursors c
+                   JOIN keys k ON k.key_id = c.key_id
+                   WHERE c.backend = ? AND c.acked < k.next_seq""",
                 (backend,),
             ).fetchone()
             return None if row[0] is None else max(0.0, time.time() - row[0])
@@ -595,9 +640,9 @@ class WriteAheadQueue:
                 (backend,),
             ).fetchone()[0]
             oldest = conn.execute(
-                """SELECT MIN(e.appended_at) FROM cursors c
-                   JOIN entries e ON e.key_id = c.key_id AND e.seq = c.acked
-                   WHERE c.backend = ?""",
+                f"""SELECT MIN({_BATCH_AT_ACKED}) FROM cursors c
+                   JOIN keys k ON k.key_id = c.key_id
+                   WHERE c.backend = ? AND c.acked < k.next_seq""",
                 (backend,),
             ).fetchone()[0]
             parked = conn.execute(
@@ -628,16 +673,15 @@ class WriteAheadQueue:
             first = from_seq
             bodies: list[bytes] = []
             total = 0
-            for seq, body in self._reader.conn.execute(
-                "SELECT seq, body FROM entries WHERE key_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
-                (key_id, from_seq, max_entries),
-            ):
+            for seq, body in _entries_from(self._reader.conn, key_id, from_seq):
                 if not bodies:
                     first = seq
                 elif total + len(body) > max_bytes:
                     break
                 bodies.append(body)
                 total += len(body)
+                if len(bodies) >= max_entries:
+                    break
             return first, bodies
 
         return await self._reader.run(query)
@@ -681,7 +725,7 @@ class WriteAheadQueue:
             conn = self._writer.conn
             row = conn.execute(
                 "SELECT k.project_key, k.session_id, k.subpath, k.first_seq, c.acked,"
-                " (SELECT MIN(seq) FROM entries e WHERE e.key_id = k.key_id), k.next_seq"
+                " (SELECT MIN(first_seq) FROM batches b WHERE b.key_id = k.key_id), k.next_seq"
                 " FROM keys k JOIN cursors c ON c.key_id = k.key_id"
                 " WHERE c.backend = ? AND k.key_id = ?",
                 (backend, key_id),
@@ -802,10 +846,10 @@ class WriteAheadQueue:
                 freed = 0
                 for key_id in ids:
                     row = conn.execute(
-                        "SELECT COALESCE(SUM(nbytes), 0) FROM entries WHERE key_id = ?", (key_id,)
+                        "SELECT COALESCE(SUM(nbytes), 0) FROM batches WHERE key_id = ?", (key_id,)
                     ).fetchone()
                     freed += int(row[0])
-                    for table in ("entries", "uuids", "cursors", "parked", "keys"):
+                    for table in ("batches", "ledger", "cursors", "parked", "keys"):
                         conn.execute(f"DELETE FROM {table} WHERE key_id = ?", (key_id,))
                 now = time.time()
                 conn.executemany(
@@ -816,9 +860,12 @@ class WriteAheadQueue:
                 conn.execute("COMMIT")
             except BaseException:
                 rollback(conn)
+                self._ledger.clear()
                 raise
             finally:
                 self._key_cache.clear()
+            for key_id in ids:
+                self._ledger.forget(key_id)
             self._seq_floor = floor
             self.stored_bytes -= freed
 
@@ -905,7 +952,7 @@ class WriteAheadQueue:
             conn = self._reader.conn
             row = conn.execute(
                 f"""SELECT {_CURSOR_COLUMNS}, k.key_id, k.next_seq, k.updated_at,
-                          (SELECT MIN(seq) FROM entries e WHERE e.key_id = k.key_id)
+                          (SELECT MIN(first_seq) FROM batches b WHERE b.key_id = k.key_id)
                    FROM cursors c JOIN keys k ON k.key_id = c.key_id
                    WHERE c.backend = ? AND k.project_key = ? AND k.session_id = ?
                      AND k.subpath = ?""",
@@ -925,10 +972,7 @@ class WriteAheadQueue:
 
         def query() -> list[bytes] | None:
             bodies: list[bytes] = []
-            for seq, body in self._reader.conn.execute(
-                "SELECT seq, body FROM entries WHERE key_id = ? AND seq >= ? ORDER BY seq",
-                (key_id, from_seq),
-            ):
+            for seq, body in _entries_from(self._reader.conn, key_id, from_seq):
                 if seq != from_seq + len(bodies):
                     return None
                 bodies.append(body)
@@ -938,13 +982,7 @@ class WriteAheadQueue:
 
     async def read_from(self, key_id: int, from_seq: int) -> list[bytes]:
         def query() -> list[bytes]:
-            return [
-                r[0]
-                for r in self._reader.conn.execute(
-                    "SELECT body FROM entries WHERE key_id = ? AND seq >= ? ORDER BY seq",
-                    (key_id, from_seq),
-                )
-            ]
+            return [body for _, body in _entries_from(self._reader.conn, key_id, from_seq)]
 
         return await self._reader.run(query)
 
@@ -1039,10 +1077,10 @@ class WriteAheadQueue:
     async def compact(
         self, retention_seconds: float, forget_after: float | None = None, for_append: bool = False
     ) -> int:
-        """Delete entries every backend acknowledged more than ``retention_seconds``
-        ago (by append time); return how many. Keys idle for ``forget_after`` seconds
-        (``None``: never) with nothing left to deliver are forgotten: their row,
-        cursors and uuid ledger go.
+        """Delete the batches whose entries every backend acknowledged, appended more
+        than ``retention_seconds`` ago; return how many entries went. Keys idle for
+        ``forget_after`` seconds (``None``: never) with nothing left to deliver are
+        forgotten: their row, cursors and uuid ledger go.
 
         "Every backend" means every cursor in the file, including those of
         backends this process was not given: their entries are not ours to drop.
@@ -1054,26 +1092,28 @@ class WriteAheadQueue:
         cutoff = time.time() - retention_seconds
         idle_since = None if forget_after is None else time.time() - forget_after
 
-        def chunk() -> int:
+        def chunk() -> tuple[int, int]:
+            """Batches every backend acknowledged, past retention (one chunk): (rows, entries)."""
             conn = self._writer.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(
-                    """SELECT id, nbytes FROM entries WHERE appended_at <= ? AND seq < (
-                           SELECT MIN(c.acked) FROM cursors c WHERE c.key_id = entries.key_id)
+                    """SELECT id, nbytes, count FROM batches
+                       WHERE appended_at <= ? AND first_seq + count <= (
+                           SELECT MIN(c.acked) FROM cursors c WHERE c.key_id = batches.key_id)
                        LIMIT ?""",
                     (cutoff, COMPACT_CHUNK),
                 ).fetchall()
                 if rows:  # (writing nothing needs no room on a full disk)
-                    conn.executemany("DELETE FROM entries WHERE id = ?", [(r[0],) for r in rows])
+                    conn.executemany("DELETE FROM batches WHERE id = ?", [(r[0],) for r in rows])
                 conn.execute("COMMIT")
             except BaseException:
                 rollback(conn)
                 raise
             self.stored_bytes -= sum(r[1] for r in rows)
-            return len(rows)
+            return len(rows), sum(r[2] for r in rows)
 
-        def forget() -> int:
+        def forget() -> tuple[int, int]:
             """Idle keys every backend has all of: their bookkeeping goes (one chunk)."""
             conn = self._writer.conn
             conn.execute("BEGIN IMMEDIATE")
@@ -1081,7 +1121,7 @@ class WriteAheadQueue:
                 rows = conn.execute(
                     """SELECT k.key_id, k.next_seq, k.project_key, k.session_id, k.subpath
                        FROM keys k WHERE k.updated_at <= ?
-                         AND NOT EXISTS (SELECT 1 FROM entries e WHERE e.key_id = k.key_id)
+                         AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.key_id = k.key_id)
                          AND NOT EXISTS (SELECT 1 FROM cursors c WHERE c.key_id = k.key_id
                                          AND c.acked < k.next_seq)
                          AND NOT EXISTS (SELECT 1 FROM parked p WHERE p.key_id = k.key_id)
@@ -1095,7 +1135,7 @@ class WriteAheadQueue:
                         "UPDATE meta SET value = ? WHERE name = 'seq_floor'", (str(floor),)
                     )
                     ids = [(r[0],) for r in rows]
-                    for table in ("uuids", "cursors", "keys"):
+                    for table in ("ledger", "cursors", "keys"):
                         conn.executemany(f"DELETE FROM {table} WHERE key_id = ?", ids)
                 conn.execute("COMMIT")
             except BaseException:
@@ -1105,20 +1145,22 @@ class WriteAheadQueue:
                 self._seq_floor = floor
                 for row in rows:
                     self._key_cache.pop((row[2], row[3], row[4]), None)
-            return len(rows)
+                    self._ledger.forget(row[0])
+            return len(rows), 0
 
-        total = 0
+        total = 0  # entries deleted
         for step in (chunk,) if idle_since is None else (chunk, forget):
             while True:
                 try:
-                    done = await (self._writer.run(step) if for_append else self._drain_write(step))
+                    rows, entries = await (
+                        self._writer.run(step) if for_append else self._drain_write(step)
+                    )
                 except sqlite3.OperationalError as exc:
                     if for_append and _disk_full(exc):
                         return total  # no room to compact in; draining will make some
                     raise
-                if step is chunk:
-                    total += done
-                if done < COMPACT_CHUNK:
+                total += entries
+                if rows < COMPACT_CHUNK:
                     break
         if total:
             await self._writer.run(self._refill_reserve)
@@ -1136,8 +1178,12 @@ class WriteAheadQueue:
             ).fetchone()
             stats.pending_entries, stats.pending_keys = int(row[0]), int(row[1])
             row = conn.execute(
-                """SELECT COALESCE(SUM(e.nbytes), 0), MIN(e.appended_at)
-                   FROM cursors c JOIN entries e ON e.key_id = c.key_id AND e.seq >= c.acked
+                # A batch acknowledged in part counts for its unacknowledged share.
+                """SELECT COALESCE(SUM(b.nbytes * (b.first_seq + b.count
+                                     - MAX(b.first_seq, c.acked)) / b.count), 0),
+                          MIN(b.appended_at)
+                   FROM cursors c JOIN batches b
+                     ON b.key_id = c.key_id AND b.first_seq + b.count > c.acked
                    WHERE c.backend = ?""",
                 (backend,),
             ).fetchone()

@@ -22,7 +22,7 @@ from .errors import CorruptQueueError, QueueLockedError, QueuePathError
 
 logger = logging.getLogger("walmirror.queue")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each step moves the schema from version i to i + 1; run in one transaction.
 MIGRATIONS: list[list[str]] = [
@@ -85,6 +85,29 @@ MIGRATIONS: list[list[str]] = [
     [
         """ALTER TABLE tombstones ADD COLUMN parked_error TEXT""",
         """ALTER TABLE tombstones ADD COLUMN parked_at REAL""",
+    ],
+    # 3 -> 4: one row per appended batch instead of one per entry, and one ledger
+    # row per append instead of one per uuid (a tenth of the writes per entry).
+    # An entry row becomes a batch of one; a key's uuids become one ledger row.
+    [
+        """CREATE TABLE batches (
+            id INTEGER PRIMARY KEY,
+            key_id INTEGER NOT NULL,
+            first_seq INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            appended_at REAL NOT NULL,
+            nbytes INTEGER NOT NULL,
+            body BLOB NOT NULL,
+            UNIQUE (key_id, first_seq))""",
+        """INSERT INTO batches (id, key_id, first_seq, count, appended_at, nbytes, body)
+           SELECT id, key_id, seq, 1, appended_at, nbytes, body FROM entries ORDER BY id""",
+        """DROP TABLE entries""",
+        """CREATE TABLE ledger (
+            id INTEGER PRIMARY KEY, key_id INTEGER NOT NULL, uuids TEXT NOT NULL)""",
+        """CREATE INDEX ledger_by_key ON ledger (key_id)""",
+        """INSERT INTO ledger (key_id, uuids)
+           SELECT key_id, json_group_array(uuid) FROM uuids GROUP BY key_id""",
+        """DROP TABLE uuids""",
     ],
 ]
 

@@ -84,14 +84,14 @@ async def test_a_failure_in_one_callers_rows_fails_only_that_caller(
     store = make_durable(inner, **TUNING)
     await store.start()
     queue: Any = store.queue
-    real = queue._claim_uuids
+    real = queue._ledger.claim
 
     def claim(key_id: int, rows: list[tuple[str | None, bytes]]) -> Any:
         if any(u == "poison" for u, _ in rows):
             raise ValueError("injected")
         return real(key_id, rows)
 
-    queue._claim_uuids = claim
+    queue._ledger.claim = claim
     results = await asyncio.gather(
         *(store.append(key(n), [{"n": n, "uuid": f"u{n}"}]) for n in range(100)),
         store.append(key(999), [{"uuid": "poison"}]),
@@ -299,10 +299,15 @@ async def _table_sizes(store: DurableSessionStore) -> dict[str, int]:
 
     def count() -> dict[str, int]:
         conn = queue._reader.conn
-        return {
-            t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-            for t in ("keys", "cursors", "uuids", "entries")
+        sizes = {
+            t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("keys", "cursors")
         }
+        # Entries and ledger uuids, as the batch and ledger rows hold them.
+        sizes["uuids"] = conn.execute(
+            "SELECT COALESCE(SUM(json_array_length(uuids)), 0) FROM ledger"
+        ).fetchone()[0]
+        sizes["entries"] = conn.execute("SELECT COALESCE(SUM(count), 0) FROM batches").fetchone()[0]
+        return sizes
 
     return dict(await queue._reader.run(count))
 

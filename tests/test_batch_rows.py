@@ -1,0 +1,294 @@
+"""The queue's batch rows and its in-memory uuid ledger (schema 4).
+
+One queue row holds one append's entries, and one ledger row its uuids; the
+ledger in memory holds 64-bit hashes. What must hold: a hash collision never
+drops an entry, the ledger survives restarts and evictions, a batch
+acknowledged in part is read from the middle and kept until all of it is
+acknowledged, a damaged batch parks only its key, and a schema-3 file (one row
+per entry, one per uuid) keeps its entries and its ledger across the upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from claude_agent_sdk.types import SessionKey
+from memory_store import MemoryStore
+
+from walmirror import DurableSessionStore, ledger
+from walmirror.faults import FaultyStore
+from walmirror.ledger import UuidLedger
+
+KEY: SessionKey = {"project_key": "proj", "session_id": "s"}
+TUNING: dict[str, Any] = {"backoff_initial": 0.01, "backoff_max": 0.1}
+
+
+def key(n: int) -> SessionKey:
+    return {"project_key": "proj", "session_id": f"s{n}"}
+
+
+# -- the ledger on its own -------------------------------------------------------------
+
+
+def _rows(*uuids: str | None) -> list[tuple[str | None, bytes]]:
+    return [(u, json.dumps({"uuid": u}).encode()) for u in uuids]
+
+
+def test_a_hash_collision_never_drops_an_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every uuid hashes alike: only the exact comparison tells them apart.
+    monkeypatch.setattr(ledger, "hash", lambda _: 7, raising=False)
+    persisted: list[str] = []
+    held = UuidLedger(lambda key_id: list(persisted))
+    first = held.claim(1, _rows("a", "b", "a", None, None))
+    assert [u for u, _ in first] == ["a", "b", None, None]
+    persisted.extend(["a", "b"])
+    second = held.claim(1, _rows("c", "a", "d", "b"))
+    assert [u for u, _ in second] == ["c", "d"]
+
+
+def test_the_ledger_reloads_evicted_keys_and_still_knows_their_uuids() -> None:
+    persisted: dict[int, list[str]] = {}
+    loads: list[int] = []
+
+    def load(key_id: int) -> list[str]:
+        loads.append(key_id)
+        return list(persisted.get(key_id, []))
+
+    held = UuidLedger(load, max_hashes=30)
+    for key_id in range(5):  # 5 keys x 20 uuids: more than 30 hashes fit
+        uuids = [f"{key_id}-{n}" for n in range(20)]
+        assert len(held.claim(key_id, _rows(*uuids))) == 20
+        persisted[key_id] = uuids
+    for key_id in range(5):
+        again = held.claim(key_id, _rows(*persisted[key_id], f"{key_id}-new"))
+        assert [u for u, _ in again] == [f"{key_id}-new"]
+    assert loads.count(0) >= 2  # key 0 was evicted and read again
+
+
+def test_a_key_with_more_uuids_than_a_merge_holds_keeps_them_all() -> None:
+    held = UuidLedger(lambda key_id: [])
+    uuids = [f"u{n}" for n in range(5000)]  # several merges of recent into sorted
+    for start in range(0, 5000, 17):
+        held.claim(1, _rows(*uuids[start : start + 17]))
+    # Every one is now held (a hit reads the persisted ledger, empty here, so an exact
+    # hit would come back as new: the point is that none is lost from the hashes).
+    hashes = held._keys[1]
+    assert all(hash(u) in hashes for u in uuids)
+    assert len(hashes) == 5000
+
+
+# -- batch rows in the queue ----------------------------------------------------------
+
+
+async def _queue_rows(store: DurableSessionStore, sql: str) -> list[Any]:
+    queue: Any = store.queue
+    return list(await queue._reader.run(lambda: queue._reader.conn.execute(sql).fetchall()))
+
+
+async def test_one_append_is_one_batch_row_and_one_ledger_row(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    faulty = FaultyStore(MemoryStore())
+    faulty.down()
+    store = make_durable(faulty, **TUNING)
+    entries = [{"uuid": f"u{n}", "n": n} for n in range(17)] + [{"type": "title"}]
+    await store.append(KEY, entries)
+    assert await _queue_rows(store, "SELECT first_seq, count FROM batches") == [(0, 18)]
+    ledger_rows = await _queue_rows(store, "SELECT uuids FROM ledger")
+    assert [json.loads(r[0]) for r in ledger_rows] == [[f"u{n}" for n in range(17)]]
+    faulty.up()
+    await store.flush(30)
+    assert await faulty.inner.load(KEY) == entries
+
+
+async def test_the_ledger_survives_a_restart(
+    tmp_path: Path, make_durable: Callable[..., DurableSessionStore]
+) -> None:
+    inner = MemoryStore()
+    path = tmp_path / "q.db"
+    store = make_durable(inner, path, **TUNING)
+    entries = [{"uuid": f"u{n}", "n": n} for n in range(10)]
+    await store.append(KEY, entries)
+    await store.close(timeout=10)
+    again = make_durable(inner, path, **TUNING)
+    # The SDK's retry after an ambiguous failure, and a partial overlap.
+    await again.append(KEY, entries)
+    await again.append(KEY, [*entries[5:], {"uuid": "u10", "n": 10}])
+    await again.flush(30)
+    assert await inner.load(KEY) == [*entries, {"uuid": "u10", "n": 10}]
+
+
+class _Gate(MemoryStore):
+    """Takes ``allowed`` batches, then fails (retryably) until ``allowed`` is raised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allowed = 0
+
+    async def append_batch(self, key: SessionKey, batch: Any) -> Any:
+        if self.allowed <= 0:
+            raise ConnectionError("gate closed (test)")
+        self.allowed -= 1
+        return await super().append_batch(key, batch)
+
+
+async def test_a_batch_acknowledged_in_part_is_read_from_its_middle_and_kept(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    inner = _Gate()
+    store = make_durable(inner, max_batch_entries=5, retention_seconds=0, **TUNING)
+    entries = [{"uuid": f"u{n}", "n": n} for n in range(17)]
+    await store.append(KEY, entries)
+    before = (await store.status())["backends"][0]["pending_bytes"]
+    inner.allowed = 1  # one 5-entry delivery goes through
+    for _ in range(1000):
+        if (await store.status())["backends"][0]["pending_entries"] == 12:
+            break
+        await asyncio.sleep(0.005)
+    assert await inner.load(KEY) == entries[:5]
+    await store.queue.compact(0.0)  # 12 entries of the batch unacknowledged: it stays
+    assert await _queue_rows(store, "SELECT count FROM batches") == [(17,)]
+    status = (await store.status())["backends"][0]
+    assert status["pending_entries"] == 12
+    assert 0 < status["pending_bytes"] < before
+    assert await store.load(KEY) == entries  # its backend refusing: the queue answers
+    inner.allowed = 1000
+    await store.flush(30)
+    assert await inner.load(KEY) == entries
+    await store.queue.compact(0.0)
+    assert await _queue_rows(store, "SELECT count FROM batches") == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "found"),
+    [("CAST(body || x'0a7b7d' AS BLOB)", "holds 3 entries"), ("'text'", "holds 0 entries")],
+)
+async def test_a_batch_that_does_not_split_into_its_count_parks_its_key(
+    make_durable: Callable[..., DurableSessionStore], damage: str, found: str
+) -> None:
+    inner = MemoryStore()
+    faulty = FaultyStore(inner)
+    faulty.down()
+    store = make_durable(faulty, **TUNING)
+    await store.append(KEY, [{"n": 0}, {"n": 1}])
+    await store.append(key(1), [{"n": 0}])
+    queue: Any = store.queue
+    await queue._writer.run(
+        lambda: queue._writer.conn.execute(
+            f"UPDATE batches SET body = {damage} WHERE key_id ="
+            " (SELECT key_id FROM keys WHERE session_id = 's')"
+        )
+    )
+    faulty.up()
+    for _ in range(1000):
+        parked = (await store.status())["backends"][0]["parked"]
+        if parked and await inner.load(key(1)):
+            break
+        await asyncio.sleep(0.005)
+    assert await inner.load(key(1)) == [{"n": 0}]
+    assert parked[0]["key"] == KEY
+    assert parked[0]["error"].startswith(
+        f"CorruptQueueError: the queued batch at seq 0 of this key {found} where 2 were"
+    )
+    assert await inner.load(KEY) is None
+
+
+# -- the upgrade from one row per entry ---------------------------------------------------
+
+
+def _write_schema_3_queue(path: Path, acked: int) -> None:
+    """A schema-3 queue: one key, five entries with uuids (one row each, one ledger row
+    each), a cursor of backend 'mem' that acknowledged ``acked`` of them."""
+    from walmirror.schema import MIGRATIONS
+
+    conn = sqlite3.connect(path)
+    for step in MIGRATIONS[:3]:
+        for statement in step:
+            conn.execute(statement)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    conn.execute(
+        "INSERT INTO keys (key_id, project_key, session_id, subpath, first_seq, next_seq,"
+        " updated_at) VALUES (1, 'proj', 's', '', 0, 5, ?)",
+        (time.time(),),
+    )
+    for seq in range(5):
+        body = json.dumps({"uuid": f"u{seq}", "n": seq}, separators=(",", ":")).encode()
+        conn.execute(
+            "INSERT INTO entries (key_id, seq, appended_at, nbytes, body) VALUES (1, ?, ?, ?, ?)",
+            (seq, time.time(), len(body), body),
+        )
+        conn.execute("INSERT INTO uuids VALUES (1, ?)", (f"u{seq}",))
+    conn.execute(
+        "INSERT INTO cursors (backend, key_id, acked, confirmed) VALUES ('mem', 1, ?, ?)",
+        (acked, acked - 1 if acked else None),
+    )
+    conn.commit()
+    conn.close()
+
+
+async def test_a_schema_3_queue_keeps_its_entries_and_its_ledger(
+    tmp_path: Path, make_durable: Callable[..., DurableSessionStore]
+) -> None:
+    from walmirror.schema import SCHEMA_VERSION
+
+    path = tmp_path / "old.db"
+    _write_schema_3_queue(path, acked=0)
+    inner = MemoryStore()
+    store = make_durable(inner, path, backend_names=("mem",), **TUNING)
+    entries = [{"uuid": f"u{n}", "n": n} for n in range(5)]
+    await store.append(KEY, [*entries[2:], {"uuid": "u5", "n": 5}])  # u2..u4 held already
+    await store.flush(30)
+    assert await inner.load(KEY) == [*entries, {"uuid": "u5", "n": 5}]
+    version = await _queue_rows(store, "SELECT value FROM meta WHERE name = 'schema_version'")
+    assert int(version[0][0]) == SCHEMA_VERSION == 4
+    tables = {r[0] for r in await _queue_rows(store, "SELECT name FROM sqlite_master")}
+    assert "entries" not in tables and "uuids" not in tables
+
+
+# -- the flusher: the keys of a round keep going while one call hangs ------------------------
+
+
+class _Hanging(MemoryStore):
+    """Holds every batch of session ``slow`` until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def append_batch(self, key: SessionKey, batch: Any) -> Any:
+        if key["session_id"] == "slow":
+            await self.release.wait()
+        return await super().append_batch(key, batch)
+
+
+async def test_the_keys_of_a_round_keep_delivering_while_one_call_hangs(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    inner = _Hanging()
+    faulty = FaultyStore(inner)
+    faulty.down()  # both keys queued, so that one round picks both
+    store = make_durable(faulty, max_batch_entries=2, call_timeout=60, **TUNING)
+    slow: SessionKey = {"project_key": "proj", "session_id": "slow"}
+    await store.append(slow, [{"n": 0}])
+    fast = [{"n": n} for n in range(10)]
+    for entry in fast:
+        await store.append(KEY, [entry])
+    faulty.up()
+    # Five batches of the fast key go while the slow key's one call is held (it
+    # would hold a round barrier up to call_timeout, 60 s; 20 s only guards a hang).
+    for _ in range(2000):
+        if await inner.load(KEY) == fast:
+            break
+        await asyncio.sleep(0.01)
+    assert await inner.load(KEY) == fast
+    assert await inner.load(slow) is None
+    inner.release.set()
+    await store.flush(30)
+    assert await inner.load(slow) == [{"n": 0}]
