@@ -625,19 +625,12 @@ class Flusher:
 
     async def _deliver_locked(self, key: KeyRow, session_key: SessionKey, span: Any) -> int:
         """One batch of ``key`` (its session lock held); how many entries went."""
-        cursor = await self.queue.cursor(self.name, key.key_id)
-        if cursor is None:  # deleted since it was picked
-            return 0
-        if await self.queue.is_tombstoned(self.name, session_key):
-            return 0  # a delete made since goes first (next round)
-        first, bodies = await self.queue.read_batch(
-            key.key_id,
-            cursor.acked,
-            self.tuning.max_batch_entries,
-            self.tuning.max_batch_bytes,
+        batch = await self.queue.next_batch(
+            self.name, key, self.tuning.max_batch_entries, self.tuning.max_batch_bytes
         )
-        if not bodies:
-            return 0
+        if batch is None or batch.fenced or not batch.bodies:
+            return 0  # deleted since it was picked; a delete made since goes first; nothing
+        cursor, first, bodies = batch.cursor, batch.first, batch.bodies
         if first != cursor.acked:
             # A backend added after entries were compacted: sending the rest
             # would store a transcript with its beginning missing.

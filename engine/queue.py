@@ -156,6 +156,16 @@ class Tombstone:
     parked: str | None = None  # the error, when the backend refused it for good
 
 
+@dataclass(frozen=True)
+class NextBatch:
+    """A key's next delivery as the queue sees it (``WriteAheadQueue.next_batch``)."""
+
+    cursor: Cursor
+    fenced: bool  # a delete of the key waits for this backend: it goes first
+    first: int  # the seq of bodies[0]; above cursor.acked only if those were compacted
+    bodies: list[bytes]
+
+
 @dataclass
 class BackendStats:
     pending_entries: int = 0
@@ -668,21 +678,53 @@ class WriteAheadQueue:
         """Entries of ``key_id`` from ``from_seq`` on, bounded by count and bytes (at
         least one), with the seq of the first. It is above ``from_seq`` only when
         entries were compacted before this reader got them."""
+        return await self._reader.run(
+            lambda: self._read_batch(key_id, from_seq, max_entries, max_bytes)
+        )
 
-        def query() -> tuple[int, list[bytes]]:
-            first = from_seq
-            bodies: list[bytes] = []
-            total = 0
-            for seq, body in _entries_from(self._reader.conn, key_id, from_seq):
-                if not bodies:
-                    first = seq
-                elif total + len(body) > max_bytes:
-                    break
-                bodies.append(body)
-                total += len(body)
-                if len(bodies) >= max_entries:
-                    break
-            return first, bodies
+    def _read_batch(
+        self, key_id: int, from_seq: int, max_entries: int, max_bytes: int
+    ) -> tuple[int, list[bytes]]:
+        first = from_seq
+        bodies: list[bytes] = []
+        total = 0
+        for seq, body in _entries_from(self._reader.conn, key_id, from_seq):
+            if not bodies:
+                first = seq
+            elif total + len(body) > max_bytes:
+                break
+            bodies.append(body)
+            total += len(body)
+            if len(bodies) >= max_entries:
+                break
+        return first, bodies
+
+    async def next_batch(
+        self, backend: str, key: KeyRow, max_entries: int, max_bytes: int
+    ) -> NextBatch | None:
+        """What the flusher needs to deliver ``key`` next, in one read (one snapshot,
+        one hop to the reader thread): the cursor, whether a delete of the key waits
+        for ``backend`` (then no entries are read), and the batch from the cursor on
+        (``read_batch``). None when the key is gone (deleted)."""
+
+        def query() -> NextBatch | None:
+            conn = self._reader.conn
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(
+                    _CURSOR_SELECT + " WHERE c.backend = ? AND c.key_id = ?",
+                    (backend, key.key_id),
+                ).fetchone()
+                if row is None:
+                    return None
+                cursor = Cursor(*row)
+                fenced = self._tombstoned(backend, key.project_key, key.session_id, key.subpath)
+                if fenced:
+                    return NextBatch(cursor, True, cursor.acked, [])
+                first, bodies = self._read_batch(key.key_id, cursor.acked, max_entries, max_bytes)
+                return NextBatch(cursor, False, first, bodies)
+            finally:
+                conn.execute("COMMIT")
 
         return await self._reader.run(query)
 
@@ -903,17 +945,15 @@ class WriteAheadQueue:
 
     async def is_tombstoned(self, backend: str, key: SessionKey) -> bool:
         """True while a delete covering ``key`` waits to reach ``backend``."""
-        project_key, session_id, subpath = split_key(key)
+        return await self._reader.run(lambda: self._tombstoned(backend, *split_key(key)))
 
-        def query() -> bool:
-            row = self._reader.conn.execute(
-                "SELECT 1 FROM tombstones WHERE backend = ? AND project_key = ?"
-                " AND session_id = ? AND (subpath = '' OR subpath = ?) LIMIT 1",
-                (backend, project_key, session_id, subpath),
-            ).fetchone()
-            return row is not None
-
-        return await self._reader.run(query)
+    def _tombstoned(self, backend: str, project_key: str, session_id: str, subpath: str) -> bool:
+        row = self._reader.conn.execute(
+            "SELECT 1 FROM tombstones WHERE backend = ? AND project_key = ?"
+            " AND session_id = ? AND (subpath = '' OR subpath = ?) LIMIT 1",
+            (backend, project_key, session_id, subpath),
+        ).fetchone()
+        return row is not None
 
     async def tombstoned_sessions(self, backend: str, project_key: str) -> set[str]:
         """Sessions of ``project_key`` whose whole-session delete waits to reach ``backend``."""

@@ -216,17 +216,17 @@ async def test_an_internal_error_for_one_key_cools_it_and_parks_nothing(
     store = make_durable(inner, **TUNING)
     await store.start()
     queue = store.queue
-    real = queue.read_batch
+    real = queue.next_batch
     bad_ids: set[int] = set()
     calls = {"bad": 0}
 
-    async def read_batch(key_id: int, *args: Any) -> Any:
-        if key_id in bad_ids:
+    async def next_batch(backend: str, key: Any, *args: Any) -> Any:
+        if key.key_id in bad_ids:
             calls["bad"] += 1
             raise TypeError("a walmirror bug (injected)")
-        return await real(key_id, *args)
+        return await real(backend, key, *args)
 
-    monkeypatch.setattr(queue, "read_batch", read_batch)
+    monkeypatch.setattr(queue, "next_batch", next_batch)
     await store.append(BAD, [{"n": 0}])
     bad_ids.update(k.key_id for k, _ in await queue.all_keys())
     await eventually(lambda: asyncio.sleep(0, calls["bad"] >= 3))
