@@ -60,6 +60,7 @@ __all__ = [
     "local_transcripts",
     "read_ack_log",
     "run_session",
+    "settle_summaries",
 ]
 
 # -- what this CLI version writes locally but does not mirror, and the reverse -------
@@ -312,6 +313,21 @@ async def backend_transcripts(
     ):
         out[subpath] = list(await backend.load({**key, "subpath": subpath}) or [])
     return out
+
+
+async def settle_summaries(writer: SessionStore, project_key: str) -> None:
+    """Have ``writer`` store the session summaries it keeps lazily, so that another
+    client reading the same storage lists them up to date.
+
+    S3Store writes a session's summary sidecar ``summary_delay`` seconds after
+    the append it covers (documented in ``backends/s3.py``), and S3 lists
+    ``LastModified`` to the second: until that write, a sidecar left behind in the
+    same second as the newest part has the same mtime as the session, so the
+    SDK's staleness check (``summary.mtime < session mtime``) takes its old title
+    for current. Its ``list_session_summaries`` writes the pending sidecars first
+    (and waits for them); on the other backends it is a plain read."""
+    async with asyncio.timeout(HANG_GUARD):
+        await writer.list_session_summaries(project_key)
 
 
 def types_of(entries: Iterable[Any]) -> list[str]:

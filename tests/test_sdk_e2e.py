@@ -67,6 +67,7 @@ from sdk_e2e_support import (
     local_transcripts,
     read_ack_log,
     run_session,
+    settle_summaries,
     types_of,
     uuids_of,
 )
@@ -451,7 +452,8 @@ async def test_the_sdks_store_helpers_read_their_writes_even_with_the_backend_do
 
     cwd = tmp_path / "work"
     directory = str(cwd)
-    faulty = FaultyStore(await connect_backend(), writes_only=True)
+    writer = await connect_backend()  # the client walmirror delivers through
+    faulty = FaultyStore(writer, writes_only=True)
     # Answering `load` offline needs the session's entries still in the queue:
     # keep them (retention) whatever the machine's speed. A longer backoff keeps
     # the flusher's count of consecutive failures low on a slow machine (its
@@ -508,9 +510,12 @@ async def test_the_sdks_store_helpers_read_their_writes_even_with_the_backend_do
     assert user_prompts(forked) == PROMPTS[:2]
     assert (await durable.status())["backends"][0]["pending_entries"] > 0
 
-    # Healed: the backend itself (read directly) says the same.
+    # Healed: the backend itself (read directly, by another client) says the
+    # same, once the writing client has stored the summaries it writes lazily
+    # (S3Store: see settle_summaries).
     faulty.up()
     await durable.flush(timeout=FLUSH_TIMEOUT)
+    await settle_summaries(writer, project_key(cwd))
     reader = await connect_backend()
     assert await views(reader) == after
 
@@ -535,6 +540,7 @@ async def test_the_sdks_store_helpers_read_their_writes_even_with_the_backend_do
     faulty.ops = WRITE_OPS
     faulty.up()
     await durable.flush(timeout=FLUSH_TIMEOUT)
+    await settle_summaries(writer, project_key(cwd))
     final = await views(reader)
     assert final["listed"] == [sid]
     assert final["title"] == ("Renamed offline", "queued", PROMPTS[0])
