@@ -317,6 +317,7 @@ class WriteAheadQueue:
         self._disk_pressure = False  # writer-thread owned: the disk filled up, not yet freed
         self._backends: tuple[str, ...] = ()
         self._pending: deque[_AppendRequest] = deque()  # appended on the loop, taken by the writer
+        self._acks: deque[tuple[Any, ...]] = deque()  # cursor updates, the same way
         # Writer-thread state: (project, session, subpath) -> [key_id, next_seq].
         self._key_cache: dict[tuple[str, str, str], list[int]] = {}
         self._ledger = UuidLedger(self._ledger_uuids)  # writer-thread owned
@@ -739,23 +740,40 @@ class WriteAheadQueue:
         """Advance a cursor after a delivery. Committed without its own fsync: an ack
         lost to a power cut only means a redelivery, which the backend skips (its
         mark) or the flusher skips (uuid tail check); the next append's commit syncs
-        it anyway."""
+        it anyway. Acks made while the writer is busy share one transaction (as
+        appends share a group commit): many keys delivering at once cost the writer
+        one job, not one each."""
+        self._acks.append((acked, confirmed, solo_length, backend, key_id, acked))
+        # The first job takes every ack pending; those behind it find none and return
+        # at once (their ack is in, the jobs run in order).
+        await self._drain_write(self._commit_acks)
 
-        def run() -> None:
-            conn = self._writer.conn
+    def _commit_acks(self) -> None:
+        """Writer thread: commit every pending ack in one transaction. On failure they
+        go back to the front of the line, for the next job (or retry) to commit."""
+        taken: list[tuple[Any, ...]] = []
+        while self._acks:
+            taken.append(self._acks.popleft())
+        if not taken:
+            return
+        conn = self._writer.conn
+        try:
             if self.synchronous == "FULL":
                 conn.execute("PRAGMA synchronous = NORMAL")
-            try:
-                conn.execute(
-                    "UPDATE cursors SET acked = ?, confirmed = ?, solo_length = ?,"
-                    " legacy_base = NULL WHERE backend = ? AND key_id = ? AND acked <= ?",
-                    (acked, confirmed, solo_length, backend, key_id, acked),
-                )
-            finally:
-                if self.synchronous == "FULL":
-                    conn.execute("PRAGMA synchronous = FULL")
-
-        await self._drain_write(run)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "UPDATE cursors SET acked = ?, confirmed = ?, solo_length = ?,"
+                " legacy_base = NULL WHERE backend = ? AND key_id = ? AND acked <= ?",
+                taken,
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback(conn)
+            self._acks.extendleft(reversed(taken))
+            raise
+        finally:
+            if self.synchronous == "FULL":
+                conn.execute("PRAGMA synchronous = FULL")
 
     async def rewind(self, backend: str, key_id: int, mark: int | None) -> Loss | None:
         """``backend`` lost entries it acknowledged and now holds this producer's

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -292,3 +293,59 @@ async def test_the_keys_of_a_round_keep_delivering_while_one_call_hangs(
     inner.release.set()
     await store.flush(30)
     assert await inner.load(slow) == [{"n": 0}]
+
+
+# -- acks share a transaction ----------------------------------------------------------------
+
+
+async def test_acks_made_while_the_writer_is_busy_share_one_transaction(
+    make_durable: Callable[..., DurableSessionStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faulty = FaultyStore(MemoryStore())
+    faulty.down()  # the flusher acks nothing itself
+    store = make_durable(faulty, **TUNING)
+    for n in range(50):
+        await store.append(key(n), [{"n": 0}, {"n": 1}])
+    queue: Any = store.queue
+    backend = store.backend_names[0]
+    ids = {k.session_id: k.key_id for k, _ in await queue.all_keys()}
+    taken: list[int] = []
+    real = queue._commit_acks
+
+    def commit_acks() -> None:
+        taken.append(len(queue._acks))
+        real()
+
+    monkeypatch.setattr(queue, "_commit_acks", commit_acks)
+    busy = threading.Event()
+    blocker = asyncio.ensure_future(queue._writer.run(busy.wait))  # the writer is busy
+    acks = asyncio.gather(*(queue.ack(backend, ids[f"s{n}"], 2, 1, 2) for n in range(50)))
+    await asyncio.sleep(0.05)
+    busy.set()
+    await blocker
+    await acks
+    assert [n for n in taken if n] == [50]  # one transaction for all fifty
+    for n in range(50):
+        cursor = await queue.cursor(backend, ids[f"s{n}"])
+        assert (cursor.acked, cursor.confirmed, cursor.solo_length) == (2, 1, 2)
+
+
+async def test_acks_of_a_failed_transaction_are_committed_by_the_next(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    faulty = FaultyStore(MemoryStore())
+    faulty.down()
+    store = make_durable(faulty, **TUNING)
+    await store.append(key(1), [{"n": 0}])
+    await store.append(key(2), [{"n": 0}])
+    queue: Any = store.queue
+    backend = store.backend_names[0]
+    ids = {k.session_id: k.key_id for k, _ in await queue.all_keys()}
+    # A transaction left open on the writer (it is rolled back): the ack fails...
+    await queue._writer.run(lambda: queue._writer.conn.execute("BEGIN"))
+    with pytest.raises(sqlite3.OperationalError):
+        await queue.ack(backend, ids["s1"], 1, 0, 1)
+    # ...and the next ack's transaction commits it too.
+    await queue.ack(backend, ids["s2"], 1, 0, 1)
+    for session in ("s1", "s2"):
+        assert (await queue.cursor(backend, ids[session])).acked == 1
