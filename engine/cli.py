@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: append latency and ingest, drain, or outage scenarios beside the SDK",
         description="By default: durable append latency (backend healthy and down), local "
-        "ingest with 1 and 50 sessions, and a raw SQLite commit on this machine as a "
-        "baseline, each next to its target from DESIGN.md. --drain: drain throughput. "
+        "ingest with 1 and 50 sessions and heal to first delivery, each beside its "
+        "baseline from the same run (raw SQLite) and its goal from DESIGN.md. --drain: "
+        "drain throughput. --scale: 1M entries queued, then drained. "
         "--scenario NAME: the SDK's own TranscriptMirrorBatcher writing to the backend "
         "directly and through walmirror, side by side, through the same faults "
         "(needs the bench extra: pip install 'walmirror[bench]').",
@@ -150,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: drain throughput to Redis, PostgreSQL and S3 (moto) against the SDK's "
         "reference adapters",
+    )
+    bench.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead: queue --entries entries with the backend down (ingest rate, peak RSS, "
+        "queue file size), then drain them (rate, time to drained); backend: a FileStore in "
+        "a temp dir, or --backend URL",
+    )
+    bench.add_argument(
+        "--entries",
+        type=int,
+        metavar="N",
+        help="--scale: entries to queue (1,000,000; quick 50,000)",
     )
     bench.add_argument(
         "--otel",
@@ -205,7 +219,9 @@ def _add_scenario_options(bench: argparse.ArgumentParser) -> None:
         "fault proxy in front of a network backend's server",
     )
     g.add_argument("--plot", metavar="PATH.png", help="write the timeline (or sweep heat-map)")
-    g.add_argument("--sessions", type=int, metavar="N", help="concurrent sessions (10; quick 4)")
+    g.add_argument(
+        "--sessions", type=int, metavar="N", help="concurrent sessions (10; quick 4; --scale: 50)"
+    )
     g.add_argument(
         "--rate", type=float, metavar="N", help="entries/s, all sessions (1000; quick 200)"
     )
@@ -783,19 +799,46 @@ def _configure_otel(kind: str) -> Callable[[], None]:
 
 
 async def _run_plain_bench(args: argparse.Namespace) -> int:
+    if args.drain and args.scale:
+        raise UsageError("--drain and --scale are separate benchmarks")
+    if args.entries is not None and not args.scale:
+        raise UsageError("--entries goes with --scale")
+    json_path = args.json if isinstance(args.json, str) else None
+    out = args.out or json_path
+    if args.scale:
+        return await _run_scale_bench(args, Path(out) if out else None)
     if args.drain:
         from walmirror.bench.drain import run
     else:
         from walmirror.bench.append import run  # only this command needs it
 
-    json_path = args.json if isinstance(args.json, str) else None
-    out = args.out or json_path
     return await run(
         quick=args.quick,
         as_json=args.json is True,
         out=Path(out) if out else None,
         directory=Path(args.dir) if args.dir else None,
     )
+
+
+async def _run_scale_bench(args: argparse.Namespace, out: Path | None) -> int:
+    from walmirror.bench.scale import ScaleError, run
+
+    backends = getattr(args, "backend", None) or []
+    if len(backends) > 1:
+        raise UsageError("bench --scale takes one --backend")
+    try:
+        return await run(
+            quick=args.quick,
+            as_json=args.json is True,
+            out=out,
+            directory=Path(args.dir) if args.dir else None,
+            entries=args.entries,
+            sessions=args.sessions,
+            backend=backends[0] if backends else None,
+            keep=args.keep,
+        )
+    except ScaleError as exc:
+        raise UsageError(str(exc)) from None
 
 
 async def run_scenario_bench(args: argparse.Namespace) -> int:
@@ -806,8 +849,8 @@ async def run_scenario_bench(args: argparse.Namespace) -> int:
         raise UsageError(
             f"bench --scenario needs the bench extra: pip install 'walmirror[bench]' ({exc})"
         ) from None
-    if args.drain:
-        raise UsageError("--drain and --scenario/--sweep are separate benchmarks")
+    if args.drain or args.scale:
+        raise UsageError("--drain/--scale and --scenario/--sweep are separate benchmarks")
     backends = getattr(args, "backend", None) or []
     if len(backends) > 1:
         raise UsageError("bench --scenario takes one --backend")
