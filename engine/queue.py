@@ -285,6 +285,28 @@ def _disk_full(exc: BaseException) -> bool:
     )
 
 
+BATCH_ROW_BYTES = 4 << 20
+"""An append bigger than this is stored as several batch rows of about this size:
+a row is read whole, and SQLite refuses values past its length limit (1 GB)."""
+
+
+def _row_chunks(
+    rows: list[tuple[str | None, bytes]],
+) -> Iterator[list[tuple[str | None, bytes]]]:
+    """``rows`` in consecutive chunks of at most ``BATCH_ROW_BYTES`` (at least one row
+    each)."""
+    chunk: list[tuple[str | None, bytes]] = []
+    size = 0
+    for row in rows:
+        if chunk and size + len(row[1]) > BATCH_ROW_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += len(row[1]) + 1
+    if chunk:
+        yield chunk
+
+
 def split_key(key: SessionKey) -> tuple[str, str, str]:
     return key["project_key"], key["session_id"], key.get("subpath") or ""
 
@@ -537,19 +559,23 @@ class WriteAheadQueue:
                 key_id, next_seq = state
                 rows = self._ledger.claim(key_id, request.rows)
                 if rows:
-                    nbytes = sum(len(body) for _, body in rows)
-                    conn.execute(
-                        "INSERT INTO batches (key_id, first_seq, count, appended_at, nbytes, body)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (key_id, next_seq, len(rows), now, nbytes, b"\n".join(b for _, b in rows)),
-                    )
+                    seq = next_seq
+                    for chunk in _row_chunks(rows):
+                        nbytes = sum(len(body) for _, body in chunk)
+                        conn.execute(
+                            "INSERT INTO batches"
+                            " (key_id, first_seq, count, appended_at, nbytes, body)"
+                            " VALUES (?, ?, ?, ?, ?, ?)",
+                            (key_id, seq, len(chunk), now, nbytes, b"\n".join(b for _, b in chunk)),
+                        )
+                        seq += len(chunk)
+                        added_bytes += nbytes
                     uuids = [uuid for uuid, _ in rows if uuid is not None]
                     if uuids:
                         conn.execute(
                             "INSERT INTO ledger (key_id, uuids) VALUES (?, ?)",
                             (key_id, json.dumps(uuids)),
                         )
-                    added_bytes += nbytes
                 touched[request.key] = [key_id, next_seq + len(rows)]
                 accepted.append(len(rows))
             conn.executemany(

@@ -23,6 +23,7 @@ import pytest
 from claude_agent_sdk.types import SessionKey
 from memory_store import MemoryStore
 
+import walmirror.queue
 from walmirror import DurableSessionStore, ledger
 from walmirror.faults import FaultyStore
 from walmirror.ledger import UuidLedger
@@ -349,3 +350,29 @@ async def test_acks_of_a_failed_transaction_are_committed_by_the_next(
     await queue.ack(backend, ids["s2"], 1, 0, 1)
     for session in ("s1", "s2"):
         assert (await queue.cursor(backend, ids[session])).acked == 1
+
+
+async def test_a_big_append_is_stored_as_several_rows_and_read_across_them(
+    make_durable: Callable[..., DurableSessionStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(walmirror.queue, "BATCH_ROW_BYTES", 40)
+    inner = _Gate()
+    store = make_durable(inner, max_batch_entries=3, **TUNING)
+    entries = [{"uuid": f"u{n}", "n": n} for n in range(10)]  # ~20 bytes each
+    await store.append(KEY, entries)
+    rows = await _queue_rows(store, "SELECT first_seq, count FROM batches ORDER BY first_seq")
+    assert len(rows) > 3
+    assert [r[0] for r in rows] == [sum(c for _, c in rows[:i]) for i in range(len(rows))]
+    assert sum(c for _, c in rows) == 10
+    inner.allowed = 1  # one delivery of 3 entries: the cursor stops inside a row
+    for _ in range(1000):
+        if (await store.status())["backends"][0]["pending_entries"] == 7:
+            break
+        await asyncio.sleep(0.005)
+    assert await store.load(KEY) == entries  # backend's 3, then the queue's 7
+    inner.allowed = 1000
+    await store.flush(30)
+    assert await inner.load(KEY) == entries
+    assert await store.append(KEY, entries) is None  # all held: nothing new
+    await store.flush(30)
+    assert await inner.load(KEY) == entries
