@@ -17,7 +17,9 @@ starts, and the least recently used are dropped (to be loaded again) when the
 whole holds more than ``max_hashes``.
 
 Everything here runs on the queue's writer thread, inside the transaction
-that stores the rows; after a rollback the writer calls ``clear``.
+that stores the rows (which writes them after the whole group is claimed: uuids
+claimed but not yet written are kept apart until ``saved``); after a rollback
+the writer calls ``clear``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class UuidLedger:
         self._max_hashes = max_hashes
         self._keys: OrderedDict[int, _KeyHashes] = OrderedDict()
         self._held = 0  # hashes in memory, all keys
+        # Uuids claimed in the transaction under way, not yet in the ledger rows
+        # ``load`` reads: the exact check on a hash hit looks here too.
+        self._unsaved: dict[int, set[str]] = {}
 
     def claim(self, key_id: int, rows: list[Row]) -> list[Row]:
         """The rows whose uuid the key does not hold yet (the first of a uuid repeated
@@ -83,11 +88,13 @@ class UuidLedger:
                     continue
                 if hash(uuid) in hashes:
                     if exact is None:
-                        exact = set(self._load(key_id))
+                        exact = set(self._load(key_id)) | self._unsaved.get(key_id, set())
                     if uuid in exact:
                         continue
                 claimed.add(uuid)
             new.append(row)
+        if claimed:
+            self._unsaved.setdefault(key_id, set()).update(claimed)
         for uuid in claimed:
             h = hash(uuid)
             if h not in hashes:  # (a collision with a held uuid is already there)
@@ -96,13 +103,19 @@ class UuidLedger:
         self._trim(keep=key_id)
         return new
 
+    def saved(self) -> None:
+        """The transaction that stored the claimed uuids committed."""
+        self._unsaved.clear()
+
     def forget(self, key_id: int) -> None:
         dropped = self._keys.pop(key_id, None)
         if dropped is not None:
             self._held -= len(dropped)
 
     def clear(self) -> None:
+        """Forget everything (after a rollback): keys are loaded again when next used."""
         self._keys.clear()
+        self._unsaved.clear()
         self._held = 0
 
     def _hashes(self, key_id: int) -> _KeyHashes:

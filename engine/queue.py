@@ -307,6 +307,24 @@ def _row_chunks(
         yield chunk
 
 
+_ROWS_PER_STATEMENT = 100
+
+
+def _parts(rows: list[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        yield rows[start : start + _ROWS_PER_STATEMENT]
+
+
+def _insert(conn: sqlite3.Connection, into: str, rows: list[tuple[Any, ...]]) -> None:
+    """``INSERT INTO {into}`` of ``rows`` with one multi-row statement per 100 rows."""
+    for part in _parts(rows):
+        one = "(" + ", ".join("?" * len(part[0])) + ")"
+        conn.execute(
+            f"INSERT INTO {into} VALUES {', '.join([one] * len(part))}",
+            [value for row in part for value in row],
+        )
+
+
 def split_key(key: SessionKey) -> tuple[str, str, str]:
     return key["project_key"], key["session_id"], key.get("subpath") or ""
 
@@ -551,6 +569,8 @@ class WriteAheadQueue:
         now = time.time()
         accepted: list[int] = []
         touched: dict[tuple[str, str, str], list[int]] = {}
+        batches: list[tuple[Any, ...]] = []
+        ledger: list[tuple[Any, ...]] = []
         added_bytes = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -558,30 +578,29 @@ class WriteAheadQueue:
                 state = touched.get(request.key) or self._key_state(request.key, now)
                 key_id, next_seq = state
                 rows = self._ledger.claim(key_id, request.rows)
-                if rows:
-                    seq = next_seq
-                    for chunk in _row_chunks(rows):
-                        nbytes = sum(len(body) for _, body in chunk)
-                        conn.execute(
-                            "INSERT INTO batches"
-                            " (key_id, first_seq, count, appended_at, nbytes, body)"
-                            " VALUES (?, ?, ?, ?, ?, ?)",
-                            (key_id, seq, len(chunk), now, nbytes, b"\n".join(b for _, b in chunk)),
-                        )
-                        seq += len(chunk)
-                        added_bytes += nbytes
-                    uuids = [uuid for uuid, _ in rows if uuid is not None]
-                    if uuids:
-                        conn.execute(
-                            "INSERT INTO ledger (key_id, uuids) VALUES (?, ?)",
-                            (key_id, json.dumps(uuids)),
-                        )
-                touched[request.key] = [key_id, next_seq + len(rows)]
+                seq = next_seq
+                for chunk in _row_chunks(rows):
+                    nbytes = sum(len(body) for _, body in chunk)
+                    body = b"\n".join(body for _, body in chunk)
+                    batches.append((key_id, seq, len(chunk), now, nbytes, body))
+                    seq += len(chunk)
+                    added_bytes += nbytes
+                uuids = [uuid for uuid, _ in rows if uuid is not None]
+                if uuids:
+                    ledger.append((key_id, json.dumps(uuids)))
+                touched[request.key] = [key_id, seq]
                 accepted.append(len(rows))
-            conn.executemany(
-                "UPDATE keys SET next_seq = ?, updated_at = ? WHERE key_id = ?",
-                [(next_seq, now, key_id) for key_id, next_seq in touched.values()],
-            )
+            # Few statements for the whole group: each is one round trip for the GIL,
+            # which an event loop busy with callers can hold for a switch interval.
+            _insert(conn, "batches (key_id, first_seq, count, appended_at, nbytes, body)", batches)
+            _insert(conn, "ledger (key_id, uuids)", ledger)
+            for part in _parts([(k, n) for k, n in touched.values()]):
+                conn.execute(
+                    "UPDATE keys SET next_seq = v.column2, updated_at = ?"
+                    f" FROM (VALUES {', '.join(['(?, ?)'] * len(part))}) AS v"
+                    " WHERE keys.key_id = v.column1",
+                    (now, *(value for row in part for value in row)),
+                )
             conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
@@ -589,6 +608,7 @@ class WriteAheadQueue:
             self._key_cache.clear()
             self._ledger.clear()
             raise
+        self._ledger.saved()
         self._key_cache.update(touched)
         self.stored_bytes += added_bytes
         return accepted

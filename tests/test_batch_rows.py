@@ -376,3 +376,28 @@ async def test_a_big_append_is_stored_as_several_rows_and_read_across_them(
     assert await store.append(KEY, entries) is None  # all held: nothing new
     await store.flush(30)
     assert await inner.load(KEY) == entries
+
+
+async def test_a_uuid_repeated_within_one_group_commit_is_stored_once(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    """The SDK's retry can share a group commit with the append it repeats: the ledger
+    rows of a group are written after all of it is claimed, and must still count."""
+    inner = MemoryStore()
+    store = make_durable(inner, **TUNING)
+    await store.append(KEY, [{"uuid": "u0", "n": 0}])  # the key is known, its ledger loaded
+    queue: Any = store.queue
+    busy = threading.Event()
+    blocker = asyncio.ensure_future(queue._writer.run(busy.wait))  # appends gather behind it
+    first = [{"uuid": "u1", "n": 1}, {"uuid": "u2", "n": 2}]
+    appends = asyncio.gather(
+        store.append(KEY, first),
+        store.append(KEY, first),  # the retry
+        store.append(KEY, [{"uuid": "u2", "n": 2}, {"uuid": "u3", "n": 3}]),
+    )
+    await asyncio.sleep(0.05)
+    busy.set()
+    await blocker
+    await appends
+    await store.flush(30)
+    assert await inner.load(KEY) == [{"uuid": f"u{n}", "n": n} for n in range(4)]
