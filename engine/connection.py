@@ -28,9 +28,9 @@ Synchronous = Literal["FULL", "NORMAL"]
 logger = logging.getLogger("walmirror.queue")
 
 WAL_PAGES = 1000
-"""The WAL is checkpointed once it holds this many pages (SQLite's default; ~4 MiB at
-4 KiB pages). Smaller means more checkpoints on the commit path: at 256, ingest with
-50 sessions fell by a quarter."""
+"""The WAL is checkpointed once about this many pages were written to it (SQLite's
+default; ~4 MiB at 4 KiB pages), by the queue's checkpointer thread, off the commit
+path (``WriteAheadQueue``). At 256, ingest with 50 sessions fell by a quarter."""
 
 
 class Connection:
@@ -39,10 +39,16 @@ class Connection:
     hop to the thread and one back, not one per statement."""
 
     def __init__(
-        self, path: Path, synchronous: Synchronous, name: str, read_only: bool = False
+        self,
+        path: Path,
+        synchronous: Synchronous,
+        name: str,
+        read_only: bool = False,
+        autocheckpoint: bool = True,
     ) -> None:
         self._path = path
         self._read_only = read_only
+        self._autocheckpoint = autocheckpoint
         self._synchronous = synchronous
         self._name = name
         self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
@@ -68,10 +74,11 @@ class Connection:
         # journal_mode changes the file: it is set by _migrate, once the file is known
         # to be ours (a foreign database must be left byte for byte as it was).
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        # A bounded WAL: checkpointed past WAL_PAGES pages, and cut back to that size
-        # after a bigger transaction. On a full disk, a checkpoint needs room for what the
-        # WAL holds; the queue's disk reserve (twice this) is sized for it.
-        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+        # A bounded WAL: checkpointed past WAL_PAGES pages (by this connection's commits
+        # unless ``autocheckpoint`` is off: then someone else must), and cut back to that
+        # size after a bigger transaction. On a full disk, a checkpoint needs room for
+        # what the WAL holds; the queue's disk reserve (twice this) is sized for it.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES if self._autocheckpoint else 0}")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_PAGES * 4096}")
         self._conn = conn
 

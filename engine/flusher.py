@@ -61,7 +61,16 @@ from . import telemetry
 from .config import Tuning
 from .errors import CorruptQueueError, MarkBehindError, PermanentBackendError, WalmirrorError
 from .keys import describe_key
-from .protocol import Batch, Receipt, decode_entry, has_ping, implements, is_producer_store
+from .protocol import (
+    Batch,
+    Receipt,
+    decode_entry,
+    has_ping,
+    held_uuid,
+    implements,
+    is_producer_store,
+    uuids_of,
+)
 from .queue import Cursor, KeyRow, Tombstone, WriteAheadQueue
 
 logger = logging.getLogger("walmirror.flusher")
@@ -777,8 +786,8 @@ class Flusher:
             # A previous attempt (or a previous process) may have landed: skip
             # what the backend already holds, by uuid, before resending.
             stored = await self._call("load", self.backend.load(session_key)) or []
-            held = {e.get("uuid") for e in stored if isinstance(e, dict) and e.get("uuid")}
-            to_send = [e for e in entries if not (e.get("uuid") and e.get("uuid") in held)]
+            held = uuids_of(stored)
+            to_send = [e for e in entries if not held_uuid(e, held)]
             landed = len(entries) - len(to_send)
             solo = solo and len(stored) == cursor.acked - cursor.first_seq + landed
         if to_send:

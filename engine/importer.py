@@ -32,6 +32,7 @@ from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
 
 from .errors import WalmirrorError
 from .keys import validate_key
+from .protocol import held_uuid, uuids_of
 
 BATCH_ENTRIES = 500
 BATCH_BYTES = 1 << 20  # the SDK's batcher's own bounds
@@ -109,7 +110,7 @@ class _Missing:
 
     def __init__(self, held: list[Any]) -> None:
         self.held = held
-        self.uuids = {e.get("uuid") for e in held if isinstance(e, dict) and e.get("uuid")}
+        self.uuids = uuids_of(held)
         self.position = 0
         self.prefix = True  # so far, the file's entries are the store's, in order
 
@@ -121,8 +122,7 @@ class _Missing:
             self.prefix = False  # the key has other writers' entries: judge by uuid
         if self.prefix:
             return True  # past what the store holds: the file's new part
-        uuid = entry.get("uuid")
-        return not (uuid and uuid in self.uuids)
+        return not held_uuid(entry, self.uuids)
 
 
 async def import_transcripts(

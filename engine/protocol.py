@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -166,6 +166,18 @@ def too_deep(entry: Any, body: bytes) -> bool:
         elif isinstance(value, list | tuple):
             stack.extend((v, depth + 1) for v in value if isinstance(v, dict | list | tuple))
     return False
+
+
+def uuids_of(entries: Iterable[Any]) -> set[str]:
+    """The uuids ``entries`` carry. JSON lets ``uuid`` be anything: only a non-empty
+    string counts as one (the ledger and every uuid check agree on that)."""
+    return {u for e in entries if isinstance(e, dict) and isinstance(u := e.get("uuid"), str) and u}
+
+
+def held_uuid(entry: Any, held: set[str]) -> bool:
+    """``entry`` carries a uuid, and ``held`` has it."""
+    uuid = entry.get("uuid") if isinstance(entry, dict) else None
+    return isinstance(uuid, str) and uuid in held
 
 
 def check_encodable(index: int, entry: Any) -> bytes:

@@ -4,7 +4,8 @@ Layout (schema version 4)::
 
     meta       name -> value: schema_version, producer_id, seq_floor
     keys       key_id, project_key, session_id, subpath ('' = main),
-               first_seq, next_seq, updated_at
+               first_seq, next_seq, updated_at; a key_id is never reused (whatever
+               still holds the id of a key deleted or forgotten finds nothing)
     batches    id, key_id, first_seq, count, appended_at, nbytes, body
                UNIQUE(key_id, first_seq); one row per append: seqs first_seq ..
                first_seq + count - 1, body their encoded JSON joined by b"\n"
@@ -350,8 +351,14 @@ class WriteAheadQueue:
         self.path = Path(path)
         self.synchronous = synchronous
         self.max_bytes = max_bytes
-        self._writer = Connection(self.path, synchronous, "walmirror-writer")
+        # The writer never checkpoints (a checkpoint copies ~4 MiB and syncs: on the
+        # commit path it was a large part of append's p99); the checkpointer does,
+        # on its own thread, when the writer has written about WAL_PAGES pages.
+        self._writer = Connection(self.path, synchronous, "walmirror-writer", autocheckpoint=False)
         self._reader = Connection(self.path, synchronous, "walmirror-reader")
+        self._checkpointer = Connection(self.path, synchronous, "walmirror-checkpointer")
+        self._wal_bytes = 0  # loop-owned: written since the last checkpoint was asked for
+        self._checkpointing = False  # loop-owned: a checkpoint is under way
         self._file = QueueFile(self.path)
         self._reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"))
         self._disk_pressure = False  # writer-thread owned: the disk filled up, not yet freed
@@ -378,6 +385,7 @@ class WriteAheadQueue:
             await self._writer.open()
             await self._writer.run(lambda: self._file.migrate(self._writer.conn, self._backends))
             await self._reader.open()
+            await self._checkpointer.open()
             self.stored_bytes = await self._writer.run(self._sum_bytes)
             self.producer_id, self._seq_floor = await self._writer.run(self._producer_state)
             await self._writer.run(self._reserve.fill)
@@ -439,6 +447,31 @@ class WriteAheadQueue:
     async def _close_connections(self) -> None:
         await self._writer.close()
         await self._reader.close()
+        await self._checkpointer.close()
+
+    def _wrote(self, nbytes: int) -> None:
+        """Loop: the writer committed about ``nbytes`` to the WAL. Past ``WAL_PAGES``
+        pages since the last checkpoint, the checkpointer thread runs one (PASSIVE:
+        it never blocks the writer, and copies what no reader still needs)."""
+        self._wal_bytes += nbytes
+        if self._checkpointing or self._closed or self._wal_bytes < WAL_PAGES * 4096:
+            return
+        self._wal_bytes = 0
+        self._checkpointing = True
+        loop = asyncio.get_running_loop()
+
+        def checkpoint() -> None:
+            try:
+                self._checkpointer.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:  # the next one catches up
+                logger.debug("queue %s: checkpoint failed: %s", self.path, exc)
+            finally:
+                loop.call_soon_threadsafe(self._checkpoint_done)
+
+        self._checkpointer.submit(checkpoint)
+
+    def _checkpoint_done(self) -> None:
+        self._checkpointing = False
 
     def _producer_state(self) -> tuple[str, int]:
         meta = dict(self._writer.conn.execute("SELECT name, value FROM meta"))
@@ -462,12 +495,17 @@ class WriteAheadQueue:
 
         for _ in range(2):
             try:
-                return await self._writer.run(write)
+                result = await self._writer.run(write)
             except sqlite3.OperationalError as exc:
                 if not _disk_full(exc):
                     raise
                 await self._writer.run(self._make_disk_room)
-        return await self._writer.run(write)
+            else:
+                self._wrote(4096)  # an ack or a delete: a page or so of WAL
+                return result
+        result = await self._writer.run(write)
+        self._wrote(4096)
+        return result
 
     def _make_disk_room(self) -> None:
         """Writer thread, the disk is full: give the reserve back, and move the WAL's
@@ -558,11 +596,14 @@ class WriteAheadQueue:
         results: list[int] | None,
         error: BaseException | None,
     ) -> None:
-        self._queued_bytes -= sum(r.nbytes for r in group)
+        nbytes = sum(r.nbytes for r in group)
+        self._queued_bytes -= nbytes
         for i, request in enumerate(group):
             settle(request.future, None if results is None else results[i], error)
-        if results is not None and self.on_commit is not None:
-            self.on_commit()
+        if results is not None:
+            self._wrote(nbytes)
+            if self.on_commit is not None:
+                self.on_commit()
 
     def _commit_group(self, group: list[_AppendRequest]) -> list[int]:
         conn = self._writer.conn

@@ -89,7 +89,25 @@ MIGRATIONS: list[list[str]] = [
     # 3 -> 4: one row per appended batch instead of one per entry, and one ledger
     # row per append instead of one per uuid (a tenth of the writes per entry).
     # An entry row becomes a batch of one; a key's uuids become one ledger row.
+    # Key ids are never reused (AUTOINCREMENT): whatever still holds the id of a
+    # deleted or forgotten key (a delivery under way, a load, the flusher's
+    # per-key state) finds nothing, never another session's row.
     [
+        """CREATE TABLE keys_v4 (
+            key_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            project_key TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            subpath TEXT NOT NULL,
+            next_seq INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL,
+            first_seq INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (project_key, session_id, subpath))""",
+        """INSERT INTO keys_v4 (key_id, project_key, session_id, subpath, next_seq,
+                                updated_at, first_seq)
+           SELECT key_id, project_key, session_id, subpath, next_seq, updated_at, first_seq
+           FROM keys""",
+        """DROP TABLE keys""",
+        """ALTER TABLE keys_v4 RENAME TO keys""",
         """CREATE TABLE batches (
             id INTEGER PRIMARY KEY,
             key_id INTEGER NOT NULL,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import time
@@ -43,7 +42,7 @@ from .errors import (
     WalmirrorError,
 )
 from .flusher import Flusher, SessionLocks, describe_error
-from .keys import describe_key, has_utf8_form, validate_key, validate_project_key
+from .keys import describe_key, validate_key, validate_project_key
 from .loop_thread import (
     LoopThread,
     call_from_asyncio,
@@ -51,7 +50,14 @@ from .loop_thread import (
     current_library,
     unsupported,
 )
-from .protocol import check_encodable, decode_entry, implements, is_producer_store
+from .protocol import (
+    check_encodable,
+    decode_entry,
+    held_uuid,
+    implements,
+    is_producer_store,
+    uuids_of,
+)
 from .queue import WriteAheadQueue
 
 logger = logging.getLogger("walmirror")
@@ -90,14 +96,8 @@ def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | No
                 f"{max_entry_bytes} (max_entry_bytes); nothing of the batch was stored"
             )
         uuid = entry.get("uuid")
-        rows.append((ledger_uuid(uuid) if isinstance(uuid, str) and uuid else None, body))
+        rows.append((uuid if isinstance(uuid, str) and uuid else None, body))
     return rows
-
-
-def ledger_uuid(uuid: str) -> str:
-    """The form of an entry's ``uuid`` in the queue's ledger: itself, or, when it holds
-    a lone surrogate (no UTF-8 form for SQLite), its JSON escape."""
-    return uuid if has_utf8_form(uuid) else json.dumps(uuid)
 
 
 async def close_backends(backends: Sequence[SessionStore]) -> None:
@@ -562,8 +562,8 @@ class DurableSessionStore(SessionStore):
         if remote and local:
             # A write that landed between the mark and the load, or, on a foreign
             # store, one whose ack was lost: count entries with a uuid once.
-            held = {e.get("uuid") for e in remote if isinstance(e, dict) and e.get("uuid")}
-            local = [e for e in local if not (e.get("uuid") and e.get("uuid") in held)]
+            held = uuids_of(remote)
+            local = [e for e in local if not held_uuid(e, held)]
         if remote is None and not local:
             return None
         return (remote or []) + local

@@ -401,3 +401,31 @@ async def test_a_uuid_repeated_within_one_group_commit_is_stored_once(
     await appends
     await store.flush(30)
     assert await inner.load(KEY) == [{"uuid": f"u{n}", "n": n} for n in range(4)]
+
+
+# -- checkpoints run off the commit path --------------------------------------------------
+
+
+async def test_the_wal_is_checkpointed_by_its_own_thread_not_by_commits(
+    tmp_path: Path, make_durable: Callable[..., DurableSessionStore]
+) -> None:
+    faulty = FaultyStore(MemoryStore())
+    faulty.down()
+    path = tmp_path / "q.db"
+    store = make_durable(faulty, path, **TUNING)
+    await store.start()
+    queue: Any = store.queue
+    pragma = "PRAGMA wal_autocheckpoint"
+    assert await queue._writer.run(lambda: queue._writer.conn.execute(pragma).fetchone()[0]) == 0
+    text = "x" * 1000
+    for n in range(800):  # ~13.6 MB: more than three checkpoints' worth
+        await store.append(KEY, [{"n": n, "i": i, "text": text} for i in range(17)])
+    # Only a checkpoint moves pages from the WAL into the database file.
+    for _ in range(2000):
+        if path.stat().st_size > 8 << 20:
+            break
+        await asyncio.sleep(0.01)
+    assert path.stat().st_size > 8 << 20
+    faulty.up()
+    await store.flush(60)
+    assert len(await faulty.inner.load(KEY) or []) == 800 * 17
