@@ -30,7 +30,10 @@ logger = logging.getLogger("walmirror.queue")
 WAL_PAGES = 1000
 """The WAL is checkpointed once about this many pages were written to it (SQLite's
 default; ~4 MiB at 4 KiB pages), by the queue's checkpointer thread, off the commit
-path (``WriteAheadQueue``). At 256, ingest with 50 sessions fell by a quarter."""
+path (``WriteAheadQueue``); the writer's own commits do it only past twice this (a
+checkpoint that runs while commits go on cannot finish, so under sustained writes
+the WAL would grow without bound). At 256, ingest with 50 sessions fell by a
+quarter."""
 
 
 class Connection:
@@ -44,7 +47,7 @@ class Connection:
         synchronous: Synchronous,
         name: str,
         read_only: bool = False,
-        autocheckpoint: bool = True,
+        autocheckpoint: int = WAL_PAGES,
     ) -> None:
         self._path = path
         self._read_only = read_only
@@ -74,11 +77,11 @@ class Connection:
         # journal_mode changes the file: it is set by _migrate, once the file is known
         # to be ours (a foreign database must be left byte for byte as it was).
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        # A bounded WAL: checkpointed past WAL_PAGES pages (by this connection's commits
-        # unless ``autocheckpoint`` is off: then someone else must), and cut back to that
-        # size after a bigger transaction. On a full disk, a checkpoint needs room for
-        # what the WAL holds; the queue's disk reserve (twice this) is sized for it.
-        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES if self._autocheckpoint else 0}")
+        # A bounded WAL: this connection's commits checkpoint it past ``autocheckpoint``
+        # pages, and it is cut back to WAL_PAGES after a bigger transaction. On a full
+        # disk, a checkpoint needs room for what the WAL holds; the queue's disk reserve
+        # (2 * WAL_PAGES) is sized for it.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {self._autocheckpoint}")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_PAGES * 4096}")
         self._conn = conn
 

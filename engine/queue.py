@@ -351,10 +351,14 @@ class WriteAheadQueue:
         self.path = Path(path)
         self.synchronous = synchronous
         self.max_bytes = max_bytes
-        # The writer never checkpoints (a checkpoint copies ~4 MiB and syncs: on the
-        # commit path it was a large part of append's p99); the checkpointer does,
-        # on its own thread, when the writer has written about WAL_PAGES pages.
-        self._writer = Connection(self.path, synchronous, "walmirror-writer", autocheckpoint=False)
+        # Checkpoints (each copies ~4 MiB and syncs: on the commit path they were a
+        # large part of append's p99) run on the checkpointer's thread once the writer
+        # has written about WAL_PAGES pages. The writer's own commits checkpoint only
+        # past twice that: when writes never pause, a checkpoint alongside them
+        # cannot finish (nor the WAL restart), and the WAL must not grow for ever.
+        self._writer = Connection(
+            self.path, synchronous, "walmirror-writer", autocheckpoint=2 * WAL_PAGES
+        )
         self._reader = Connection(self.path, synchronous, "walmirror-reader")
         self._checkpointer = Connection(self.path, synchronous, "walmirror-checkpointer")
         self._wal_bytes = 0  # loop-owned: written since the last checkpoint was asked for
@@ -450,11 +454,12 @@ class WriteAheadQueue:
         await self._checkpointer.close()
 
     def _wrote(self, nbytes: int) -> None:
-        """Loop: the writer committed about ``nbytes`` to the WAL. Past ``WAL_PAGES``
-        pages since the last checkpoint, the checkpointer thread runs one (PASSIVE:
-        it never blocks the writer, and copies what no reader still needs)."""
+        """Loop: the writer committed ``nbytes`` of entries (or a small write). Past
+        ``WAL_PAGES`` pages of WAL since the last checkpoint (about half that in entry
+        bytes: a commit's WAL frames hold its b-tree pages too), the checkpointer
+        thread runs one (PASSIVE: it never blocks the writer)."""
         self._wal_bytes += nbytes
-        if self._checkpointing or self._closed or self._wal_bytes < WAL_PAGES * 4096:
+        if self._checkpointing or self._closed or self._wal_bytes < WAL_PAGES * 4096 // 2:
             return
         self._wal_bytes = 0
         self._checkpointing = True
