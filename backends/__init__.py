@@ -13,17 +13,24 @@ and for configuration files:
 
 Each remote backend's module is imported only when its scheme is asked for, so
 its client library is needed only then (``pip install 'walmirror[redis]'`` ...).
+
+``fold_summary`` is the SDK's ``fold_session_summary`` with the same result, run
+only on the entries that can change a summary: the remote backends fold every
+batch they store with it.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from collections.abc import Sequence
+from types import CodeType
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
-from claude_agent_sdk.types import SessionStore
+from claude_agent_sdk import fold_session_summary
+from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry, SessionSummaryEntry
 
-__all__ = ["SUPPORTED_SCHEMES", "from_url"]
+__all__ = ["SUPPORTED_SCHEMES", "fold_summary", "from_url"]
 
 SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "redis", "rediss", "postgresql", "s3")
 
@@ -79,3 +86,162 @@ def _file_store(url: str) -> SessionStore:
     if not path:
         raise ValueError("file:// backend URL has no path")
     return FileStore(path)
+
+
+# -- summaries ------------------------------------------------------------------------
+
+# What the SDK's ``fold_session_summary`` reads, as of claude-agent-sdk 0.2.x: its
+# last-wins fields (entry key -> summary key) and the string constants of its code.
+# ``fold_summary`` skips entries only while the installed SDK still matches.
+_LAST_WINS = {
+    "customTitle": "custom_title",
+    "aiTitle": "ai_title",
+    "lastPrompt": "last_prompt",
+    "summary": "summary_hint",
+    "gitBranch": "git_branch",
+}
+_LAST_WINS_KEYS = frozenset(_LAST_WINS)
+_KNOWN_FOLD_CONSTANTS = {
+    "fold_session_summary": frozenset(
+        {
+            "created_at",
+            "cwd",
+            "data",
+            "dict[str, Any]",
+            "isSidechain",
+            "is_sidechain",
+            "mtime",
+            "session_id",
+            "tag",
+            "timestamp",
+            "type",
+        }
+    ),
+    "_fold_first_prompt": frozenset(
+        {
+            "\n",
+            " ",
+            "command_fallback",
+            "content",
+            "first_prompt",
+            "first_prompt_locked",
+            "isCompactSummary",
+            "isMeta",
+            "message",
+            "tool_result",
+            "type",
+            "user",
+            "\u2026",
+        }
+    ),
+}
+
+
+def _string_constants(code: CodeType, doc: str | None) -> frozenset[str]:
+    found: set[str] = set()
+    for const in code.co_consts:
+        if isinstance(const, str) and const != doc:
+            found.add(const)
+        elif isinstance(const, CodeType):
+            found |= _string_constants(const, None)
+    return frozenset(found)
+
+
+def _sdk_fold_is_known() -> bool:
+    """True when the installed SDK's fold reads what ``fold_summary`` assumes it reads."""
+    try:
+        from claude_agent_sdk._internal import session_summary as sdk
+    except ImportError:
+        return False
+    if getattr(sdk, "fold_session_summary", None) is not fold_session_summary:
+        return False
+    if getattr(sdk, "_LAST_WINS_FIELDS", None) != _LAST_WINS:
+        return False
+    for name, expected in _KNOWN_FOLD_CONSTANTS.items():
+        function = getattr(sdk, name, None)
+        code = getattr(function, "__code__", None)
+        if not isinstance(code, CodeType):
+            return False
+        if _string_constants(code, getattr(function, "__doc__", None)) != expected:
+            return False
+    return True
+
+
+_FAST_FOLD = _sdk_fold_is_known()
+
+
+def fold_summary(
+    prev: SessionSummaryEntry | None,
+    key: SessionKey,
+    entries: Sequence[SessionStoreEntry],
+) -> SessionSummaryEntry:
+    """``fold_session_summary(prev, key, entries)``, the same result (the same ``data``,
+    keys in the same order), with the SDK's fold run only on the entries that can change
+    the summary.
+
+    The SDK's fold sets ``is_sidechain``, ``created_at``, ``cwd`` and the first prompt
+    once; later entries only overwrite the last-wins fields (``customTitle`` ->
+    ``custom_title``, ...) and set or clear ``tag`` (``type`` "tag"). So once the
+    set-once fields are settled, an entry without a last-wins field and not of type
+    "tag" or (first prompt still open) "user" changes nothing, and of several entries
+    setting a last-wins field that the summary already holds only the last one
+    counts: overwriting a key keeps its place, and the fold reads none of these
+    values. Every other entry (and any entry that is not a dict, which the SDK's fold
+    refuses) goes through the SDK's own fold, in order. Falls back to the SDK's fold
+    for the whole list when the installed SDK's fold is not the one this was written
+    against.
+    """
+    if not _FAST_FOLD or len(entries) < 2:
+        return fold_session_summary(prev, key, list(entries))
+    current = prev
+    data: dict[str, Any] = {} if prev is None else prev["data"]
+    # Open: the set-once fields the fold may still set (recomputed after each SDK fold).
+    side = created = cwd = prompt = settling = True
+    refresh = True
+    late: dict[str, str] = {}  # last-wins values to write at the end
+    for entry in cast(Sequence[dict[str, Any]], entries):
+        if refresh:
+            side = "is_sidechain" not in data
+            created = "created_at" not in data
+            cwd = "cwd" not in data
+            prompt = not data.get("first_prompt_locked")
+            settling = side or created or cwd or prompt
+            refresh = False
+        if type(entry) is not dict:
+            relevant = True
+        else:
+            kind = entry.get("type")
+            relevant = kind == "tag" or (
+                settling
+                and (
+                    side
+                    or (prompt and kind == "user")
+                    or (created and "timestamp" in entry)
+                    or (cwd and bool(entry.get("cwd")))
+                )
+            )
+            if not _LAST_WINS_KEYS.isdisjoint(entry):
+                found: list[tuple[str, str]] = []
+                for src in _LAST_WINS_KEYS.intersection(entry):
+                    value = entry[src]
+                    if isinstance(value, str):
+                        dst = _LAST_WINS[src]
+                        found.append((dst, value))
+                        if dst not in data:
+                            relevant = True
+                if relevant:
+                    for dst, _ in found:
+                        late.pop(dst, None)  # the SDK's fold writes it below
+                else:
+                    late.update(found)
+        if relevant:
+            current = fold_session_summary(current, key, [cast(SessionStoreEntry, entry)])
+            data = current["data"]
+            refresh = True
+    if current is None:  # pragma: no cover - without prev, the first entry is always folded
+        return fold_session_summary(prev, key, list(entries))
+    if current is prev:  # nothing folded: the SDK's fold returns a copy all the same
+        current = {"session_id": current["session_id"], "mtime": current["mtime"], "data": {**data}}
+        data = current["data"]
+    data.update(late)
+    return current

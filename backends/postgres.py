@@ -163,7 +163,6 @@ from typing import Any, Self, cast
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
-from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.types import (
     SessionKey,
     SessionListSubkeysKey,
@@ -173,6 +172,7 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
+from walmirror.backends import fold_summary
 from walmirror.errors import (
     InvalidEntryError,
     InvalidKeyError,
@@ -634,9 +634,11 @@ BEGIN
         END IF;
     END IF;
     now_ms := floor(extract(epoch FROM clock_timestamp()) * 1000);
+    -- (A WHERE, not a slice p_entries[skip + 1:n]: the slice copies the array.)
     INSERT INTO {self._entries} (project_key, session_id, subpath, entry_offset, entry)
-    SELECT p_project, p_session, p_subpath, cur + x.i - 1, x.entry::json
-      FROM unnest(p_entries[skip + 1:n]) WITH ORDINALITY AS x(entry, i);
+    SELECT p_project, p_session, p_subpath, cur + x.i - 1 - skip, x.entry::json
+      FROM unnest(p_entries) WITH ORDINALITY AS x(entry, i)
+     WHERE x.i > skip;
     r_appended := n - skip;
     r_length := cur + r_appended;
     UPDATE {self._keys} SET entry_count = r_length, mtime_ms = now_ms WHERE {this_key};
@@ -846,7 +848,7 @@ $fn$;
                     f"{describe_key(key)}: an encoded entry is not JSON"
                 ) from None
             backlog = await self._backlog(conn, key, head)
-            data = fold_session_summary(head.summary, key, backlog + entries[skip:])["data"]
+            data = fold_summary(head.summary, key, backlog + entries[skip:])["data"]
             summary_text = encode_entry(data).decode()
         args = (*self._call(key, texts, batch), head.length, head.folded, skip, summary_text)
         row = await self._fetchrow(key, self._sql_append, *args, conn=conn)

@@ -34,15 +34,25 @@ so every script touches a single slot (the client here is a plain
 also deletes the subagent lists its SET names: names it builds itself, in the
 same slot, but not declared in ``KEYS``.
 
-The atomic step (``walmirror.protocol``). ``append_batch`` is one EVALSHA: the
-script ``HGET``s the producer's mark from the key's marks HASH, refuses the
-batch when ``expect`` is set and the mark is missing or below it
-(``MarkBehindError``, nothing written), skips the batch's entries at or below
-the mark, ``RPUSH``es the rest and ``HSET``s the mark to the batch's last seq.
-Seqs reach 2**63-1 but Lua 5.1 numbers are doubles, so seqs travel and are
-stored as decimal text and the script compares them by splitting each into
-its digits above and below 10**9 (both parts exact in a double). A plain
-``append`` is the same script without a producer: no mark, no skip.
+The atomic step (``walmirror.protocol``) is one Lua script: it ``HGET``s the
+producer's mark from the key's marks HASH, refuses the batch when ``expect`` is
+set and the mark is missing or below it (``MarkBehindError``, nothing written),
+skips the batch's entries at or below the mark, ``RPUSH``es the rest and
+``HSET``s the mark to the batch's last seq. Seqs reach 2**63-1 but Lua 5.1
+numbers are doubles, so seqs travel and are stored as decimal text and the
+script compares them by splitting each into its digits above and below 10**9
+(both parts exact in a double). A plain ``append`` is the same script without a
+producer: no mark, no skip. Entries handed to a script are copied into Lua and
+back, which costs Redis several times what the ``RPUSH`` costs; so a batch the
+store expects to skip nothing (it remembers the producer's mark, or ``expect``
+says it) goes as one MULTI/EXEC instead: ``RPUSH`` of the whole batch, then a
+script that makes the same checks before it writes anything else. If they fail
+(the producer is behind, the mark covers part of the batch, a key of the step
+holds a type this store did not write) it takes the batch off the list again
+(``LTRIM`` to the old length) and answers so: nothing is left written, and the
+store raises or, for repeats, runs the one-script step. Inside EXEC the
+``RPUSH`` can fail only with WRONGTYPE (queueing errors and OOM abort the whole
+transaction), and then the script fails on the same list before it writes.
 
 Summaries, folded exactly once with the SDK's ``fold_session_summary`` (main
 keys only). The store remembers, per session, the last summary it wrote and its
@@ -90,9 +100,13 @@ run it with ``maxmemory-policy noeviction`` and with AOF (``appendonly yes``,
 ``appendfsync always``); ``check_server()`` reports what it finds, for
 ``verify``/``status``.
 
-Round trips: ``append_batch`` and ``append`` are one EVALSHA each (plus the
-catch-up transaction in the cases above); ``append_batch`` ``RPUSH``es the
-batch's encoded bytes as they are and parses them only to fold a summary.
+Round trips: ``append_batch`` is one MULTI/EXEC (or one EVALSHA, and for a
+batch that turned out to repeat entries both) and ``append`` one EVALSHA, plus
+the catch-up transaction in the cases above; ``append_batch`` ``RPUSH``es the
+batch's encoded bytes as they are and parses them only to fold a summary (and
+so refuses bytes that are not JSON on a main key). The fold
+(``walmirror.backends.fold_summary``) runs the SDK's fold on the few entries that
+can change a summary, with the same result.
 ``load`` reads ``LRANGE`` chunks of 2000; listings pipeline their per-session reads.
 
 Client: ``redis.asyncio.Redis`` with ``decode_responses=False``. ``from_url``
@@ -104,19 +118,20 @@ speaks RESP2 (see ``from_url``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import count
 from typing import Any, cast
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.types import (
     SessionKey,
     SessionListSubkeysKey,
@@ -129,6 +144,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError, WatchError
 
+from walmirror.backends import fold_summary
 from walmirror.errors import (
     CorruptTranscriptError,
     InvalidEntryError,
@@ -150,14 +166,8 @@ _CHUNK = 2000  # list elements (or sessions) per read
 _CAS_ATTEMPTS = 50  # optimistic summary transactions before giving up until the next append
 _CACHE_SIZE = 4096  # sessions whose last summary (and keys whose marks) this store remembers
 
-# KEYS: transcript LIST, marks HASH, then index ZSET + summary HASH (main key) or
-#       subkey SET (subpath).
-# ARGV: 1 member (session id or encoded subpath), 2 ttl ms (0: none),
-#       3 producer ('': a plain append), 4 first seq, 5 last seq, 6 expect ('': none),
-#       7 the skip the pre-folded summary assumes, 8 summary version it starts from
-#       ('-': none sent), 9 pre-folded summary data, 10 its new version, 11.. the entries.
 # Seqs are decimal text: Lua 5.1 numbers are doubles, exact only below 2^53.
-_APPEND_LUA = """
+_LUA_SEQS = """
 if redis.replicate_commands then redis.replicate_commands() end
 -- a - b for seqs given as decimal text: exact when |a - b| < 2^53, the right sign always
 local function split(s)
@@ -171,29 +181,11 @@ local function minus(a, b)
 end
 local list, marks = KEYS[1], KEYS[2]
 local producer = ARGV[3]
-local first = 11
-local n = #ARGV - first + 1
-local mark = false
-local skip = 0
-if producer ~= '' then
-  mark = redis.call('HGET', marks, producer)
-  if ARGV[6] ~= '' and (not mark or minus(mark, ARGV[6]) < 0) then
-    return {'behind', mark or ''}
-  end
-  if mark then
-    local d = minus(mark, ARGV[4])
-    if d >= 0 then skip = math.min(n, d + 1) end
-  end
-end
-local len = redis.call('LLEN', list)
-local i = first + skip
-while i <= #ARGV do
-  local j = math.min(i + 999, #ARGV)
-  redis.call('RPUSH', list, unpack(ARGV, i, j))
-  i = j + 1
-end
-local added = n - skip
-local newlen = len + added
+"""
+
+# The rest of the step once the entries are in the list: the mark, expiry, the
+# index or subkey SET, and the pre-folded summary (stored only if its assumptions hold).
+_LUA_FINISH = """
 if producer ~= '' and added > 0 then
   mark = ARGV[5]
   redis.call('HSET', marks, producer, mark)
@@ -233,6 +225,87 @@ if added > 0 and skip == tonumber(ARGV[7]) and ARGV[8] ~= '-' and folded == len
 end
 return {'ok', newlen, mark or '', added, folded}
 """
+
+# The atomic step in one script, entries included.
+# KEYS: transcript LIST, marks HASH, then index ZSET + summary HASH (main key) or
+#       subkey SET (subpath).
+# ARGV: 1 member (session id or encoded subpath), 2 ttl ms (0: none),
+#       3 producer ('': a plain append), 4 first seq, 5 last seq, 6 expect ('': none),
+#       7 the skip the pre-folded summary assumes, 8 summary version it starts from
+#       ('-': none sent), 9 pre-folded summary data, 10 its new version, 11.. the entries.
+_APPEND_LUA = (
+    _LUA_SEQS
+    + """
+local first = 11
+local n = #ARGV - first + 1
+local mark = false
+local skip = 0
+if producer ~= '' then
+  mark = redis.call('HGET', marks, producer)
+  if ARGV[6] ~= '' and (not mark or minus(mark, ARGV[6]) < 0) then
+    return {'behind', mark or ''}
+  end
+  if mark then
+    local d = minus(mark, ARGV[4])
+    if d >= 0 then skip = math.min(n, d + 1) end
+  end
+end
+local len = redis.call('LLEN', list)
+local i = first + skip
+while i <= #ARGV do
+  local j = math.min(i + 999, #ARGV)
+  redis.call('RPUSH', list, unpack(ARGV, i, j))
+  i = j + 1
+end
+local added = n - skip
+local newlen = len + added
+"""
+    + _LUA_FINISH
+)
+
+# The atomic step for a batch expected to skip nothing, run in a MULTI/EXEC right after
+# ``RPUSH list <the batch's n entries>``: entries passed to a script are copied into
+# Lua and back, which costs Redis several times the RPUSH itself. The script checks
+# what the one-script step checks before it writes; when the batch must not be
+# appended as a whole (the producer is behind, the mark covers some of it, a key
+# holds another type) it takes the entries off the list again and says so, and the
+# caller raises or runs the one-script step. The RPUSH in the transaction can only
+# fail with WRONGTYPE (errors found while queueing, and OOM, abort the whole EXEC),
+# and then LLEN here fails too, before anything is written.
+# KEYS: as above. ARGV: 1..10 as above, 11 n.
+_PUSHED_LUA = (
+    _LUA_SEQS
+    + """
+local n = tonumber(ARGV[11])
+local len = redis.call('LLEN', list) - n
+if len < 0 then return redis.error_reply('ERR the batch is not in the list') end
+local function undo()
+  if len > 0 then redis.call('LTRIM', list, 0, len - 1) else redis.call('DEL', list) end
+end
+local types = {'hash', 'zset', 'hash'}
+if #KEYS == 3 then types = {'hash', 'set'} end
+for k = 2, #KEYS do
+  local t = redis.call('TYPE', KEYS[k])['ok']
+  if t ~= 'none' and t ~= types[k - 1] then
+    undo()
+    return {'wrongtype'}
+  end
+end
+local mark = redis.call('HGET', marks, producer)
+if ARGV[6] ~= '' and (not mark or minus(mark, ARGV[6]) < 0) then
+  undo()
+  return {'behind', mark or ''}
+end
+if mark and minus(mark, ARGV[4]) >= 0 then
+  undo()
+  return {'redo'}
+end
+local skip = 0
+local added = n
+local newlen = len + n
+"""
+    + _LUA_FINISH
+)
 
 # KEYS: main transcript LIST, summary HASH, subkey SET, index ZSET.
 # ARGV: session id, name prefix of the session's subagent lists.
@@ -366,6 +439,8 @@ class RedisStore(SessionStore):
         # mode, which skips the pool's check for connections the server closed:
         # after a Redis restart the first command on each pooled connection fails.
         client_kwargs.setdefault("protocol", 2)
+        if not {"driver_info", "lib_name", "lib_version"} & client_kwargs.keys():
+            client_kwargs.update(_driver_info())
         client = aioredis.Redis.from_url(
             urlunsplit(parts._replace(query=urlencode(query))), **client_kwargs
         )
@@ -516,7 +591,7 @@ class RedisStore(SessionStore):
         """
         k, names = self._check_key(key)
         check_batch(describe_key(k), batch)
-        receipt = await self._append(k, names, list(batch.encoded), batch, None)
+        receipt = await self._append(k, names, batch.encoded, batch, None)
         assert receipt is not None
         return receipt
 
@@ -623,25 +698,37 @@ class RedisStore(SessionStore):
         self,
         key: SessionKey,
         names: _Names,
-        lines: list[bytes],
+        lines: Sequence[bytes],
         batch: Batch | None,
         entries: list[SessionStoreEntry] | None,
     ) -> Receipt | None:
-        """One run of the append script: ``batch``'s atomic step, or (``batch`` is
-        ``None``) a plain append of ``entries``. Returns the receipt of a batch."""
+        """One atomic step: ``batch``'s, or (``batch`` is ``None``) a plain append of
+        ``entries``. Returns the receipt of a batch.
+
+        A batch the store expects to skip nothing (the steady state) goes as ``RPUSH``
+        plus ``_PUSHED_LUA`` in one MULTI/EXEC; anything else, or a batch that
+        turns out to repeat entries, as ``_APPEND_LUA``."""
         main = "subpath" not in key
         seqs: list[Any] = ["", "", "", ""]  # producer, first seq, last seq, expect
+        skip = 0
         if batch is not None:
             expect = "" if batch.expect is None else str(batch.expect)
             seqs = [batch.producer, str(batch.first_seq), str(batch.last_seq), expect]
-        pre = self._prefold(key, names, batch, entries) if main else None
+            skip = self._guess_skip(names, batch)
+        pre = self._prefold(key, batch, entries, skip) if main else None
         summary: list[Any] = [0, "-", b"", ""]
         if pre is not None:
             summary = [pre.skip, pre.base_version, pre.data_json, pre.version]
         keys = [names.transcript, names.marks]
         keys += [names.index, names.summary] if main else [names.subkeys]
-        args = [names.member, self._ttl_ms, *seqs, *summary, *lines]
-        reply = await self._run(self._append_script, key, keys, args)
+        args = [names.member, self._ttl_ms, *seqs, *summary]
+        reply = None
+        if batch is not None and skip == 0:
+            reply = await self._push(key, keys, [*args, len(lines)], lines)
+            if _text(reply[0]) == "redo":  # it repeats entries: nothing was written
+                reply = None
+        if reply is None:
+            reply = await self._run(self._append_script, key, keys, [*args, *lines])
         status = _text(reply[0])
         if status == "behind":
             assert batch is not None and batch.expect is not None
@@ -659,22 +746,44 @@ class RedisStore(SessionStore):
         self._remember_mark(names, batch.producer, mark)
         return Receipt(appended=added, mark=mark, length=new_length)
 
+    async def _push(
+        self, key: SessionKey, keys: list[str], args: list[Any], lines: Sequence[bytes]
+    ) -> Any:
+        """``RPUSH`` the batch and run ``_PUSHED_LUA``, in one MULTI/EXEC."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(keys[0], *lines)
+            pipe.eval(_PUSHED_LUA, len(keys), *keys, *args)
+            pushed, reply = await pipe.execute(raise_on_error=False)
+        for result in (reply, pushed):
+            if isinstance(result, ResponseError) and "WRONGTYPE" in str(result):
+                raise self._wrong_type(key)
+        for result in (reply, pushed):
+            if isinstance(result, Exception):
+                raise result
+        if _text(reply[0]) == "wrongtype":
+            raise self._wrong_type(key)
+        return reply
+
+    def _guess_skip(self, names: _Names, batch: Batch) -> int:
+        """The leading entries of ``batch`` the script will skip, guessed from the
+        producer's last known mark (or ``expect``: the mark it was told of)."""
+        known = self._marks.get((names.marks, batch.producer))
+        if batch.expect is not None and (known is None or known < batch.expect):
+            known = batch.expect
+        if known is None:
+            return 0
+        return max(0, min(len(batch), known - batch.first_seq + 1))
+
     def _prefold(
         self,
         key: SessionKey,
-        names: _Names,
         batch: Batch | None,
         entries: list[SessionStoreEntry] | None,
+        skip: int,
     ) -> _Prefold | None:
-        """The entries this call will append, guessed from the producer's last known
-        mark, folded into the summary this store last wrote (the script checks both)."""
-        skip = 0
+        """The entries this call will append (the batch's past the guessed ``skip``),
+        folded into the summary this store last wrote (the script checks both)."""
         if batch is not None:
-            known = self._marks.get((names.marks, batch.producer))
-            if batch.expect is not None and (known is None or known < batch.expect):
-                known = batch.expect
-            if known is not None:
-                skip = max(0, min(len(batch), known - batch.first_seq + 1))
             if skip == len(batch):
                 return None  # a repeat: nothing to fold
             try:
@@ -692,7 +801,7 @@ class RedisStore(SessionStore):
             prev = {"session_id": key["session_id"], "mtime": 0, "data": cached.data}
             version = cached.version
         try:
-            data = fold_session_summary(prev, key, entries)["data"]
+            data = fold_summary(prev, key, entries)["data"]
         except (TypeError, AttributeError):
             raise InvalidEntryError(
                 f"{describe_key(key)}: an encoded entry of the batch is not a JSON object"
@@ -726,11 +835,14 @@ class RedisStore(SessionStore):
             return await script(keys=keys, args=args)
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
-                raise WrongTypeError(
-                    f"{describe_key(key)}: a Redis key of this session holds a type "
-                    "RedisStore did not write; another program uses this prefix"
-                ) from None
+                raise self._wrong_type(key) from None
             raise
+
+    def _wrong_type(self, key: SessionKey) -> WrongTypeError:
+        return WrongTypeError(
+            f"{describe_key(key)}: a Redis key of this session holds a type "
+            "RedisStore did not write; another program uses this prefix"
+        )
 
     # ------------------------------------------------------------------
     # Summary catch-up (optimistic transaction)
@@ -777,7 +889,7 @@ class RedisStore(SessionStore):
                     missing = _parse(
                         key, folded, await _lrange(pipe, names.transcript, folded, length)
                     )
-                    summary = fold_session_summary(prev, key, missing)
+                    summary = fold_summary(prev, key, missing)
                     version = self._new_version()
                     pipe.multi()
                     pipe.hset(
@@ -848,6 +960,21 @@ def _encode(part: str) -> str:
         return quote(part, safe="", errors="strict")
     except UnicodeEncodeError:
         raise InvalidKeyError("session key parts must be valid Unicode text") from None
+
+
+@functools.cache
+def _driver_info() -> dict[str, Any]:
+    """``driver_info`` for ``Redis.from_url``, built once per process.
+
+    Given none, redis-py (7.1+) builds one per *connection*, and that reads the
+    installed package's metadata (``importlib.metadata.version``): tens of
+    milliseconds of the event loop for each connection a pool opens. The same
+    information, CLIENT SETINFO sends the same; older redis-py takes nothing."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:
+        return {}
+    return {"driver_info": DriverInfo()}
 
 
 def _text(value: Any) -> str:

@@ -54,7 +54,12 @@ if ``end`` is still the true end: every offset a part (or guard) ever started
 at keeps its name, so a put at an older end (a cached end another host wrote
 past, compacted or deleted since) always fails; a landed part therefore extends
 exactly the state it was decided on. The store caches each key's tail (end,
-marks as of it, last object): in the steady state an append is one PUT. A
+marks as of it, last object): in the steady state an append is one PUT. A key
+it knows nothing of is listed first, except for a batch whose producer knows of
+nothing stored (``expect`` is ``None``: most likely a new session): that one is
+decided on "no entries, no marks" (append it all) and put at offset 0 straight
+away, which lands only on a key that never held anything, names never being
+freed; otherwise the put fails and the key is listed (once per key and store). A
 decision that writes nothing (a full repeat) or raises ``MarkBehindError`` is
 never taken from the cache: it is made again on a fresh listing. A cached tail
 older than ``length_cache_ttl`` seconds is confirmed with a HEAD of its last
@@ -172,7 +177,6 @@ from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
 from aiobotocore.session import get_session  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from botocore.handlers import add_expect_header  # type: ignore[import-untyped]
-from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.types import (
     SessionKey,
     SessionListSubkeysKey,
@@ -182,6 +186,7 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
+from walmirror.backends import fold_summary
 from walmirror.errors import (
     CorruptTranscriptError,
     InvalidEntryError,
@@ -356,6 +361,7 @@ class _KeyState:
     tail: _Tail | None = None
     summary: _Summary | None = None  # None: unknown, the next sidecar write catches up
     appends: int = 0  # since the last compaction was scheduled
+    guessed: bool = False  # an append guessed the key is new (see ``_append``)
 
 
 @dataclass(eq=False)
@@ -782,10 +788,12 @@ class S3Store(SessionStore):
         module docstring and ``walmirror.protocol``)."""
         names = self._names(key)
         check_batch(describe_key(names.key), batch)
-        if not all(b and b"\n" not in b for b in batch.encoded):
+        # The part's body, and the check that each entry is one non-empty line.
+        body = b"\n".join([*batch.encoded, b""])
+        if not all(batch.encoded) or body.count(b"\n") != len(batch):
             raise ValueError(f"{describe_key(names.key)}: encoded must hold one JSON line each")
         async with self._lock(names.parts):
-            return await self._append(names, batch, batch.encoded, None)
+            return await self._append(names, batch, batch.encoded, None, body)
 
     async def producer_mark(self, key: SessionKey, producer: str) -> int | None:
         """The highest seq of ``producer`` stored for ``key`` (``None``: none). Lists."""
@@ -913,9 +921,11 @@ class S3Store(SessionStore):
         batch: Batch | None,
         lines: Sequence[bytes],
         entries: list[SessionStoreEntry] | None,
+        body: bytes | None = None,
     ) -> Receipt:
         """Append ``batch`` (or, with ``batch=None``, the plain ``entries``) at the
-        key's end. Called under the transcript's lock.
+        key's end. Called under the transcript's lock. ``body``: all of ``lines``
+        as a part holds them (each followed by a newline), when the caller has it.
 
         The decision (skip, ``MarkBehindError``, append) is made against a tail:
         the end and the marks as of that end. The conditional put of the part at
@@ -927,6 +937,15 @@ class S3Store(SessionStore):
         state = self._state(names)
         tail = await self._trusted_tail(names, state)
         listed = False  # is ``tail`` from a listing made during this call?
+        if tail is None and batch is not None and batch.expect is None and not state.guessed:
+            # A key this store knows nothing of, and a producer that was never told
+            # anything of it was stored: most likely a new session. Guess so, once,
+            # instead of listing: the state "no entries, no marks" decides "append
+            # it all" (no expect, no mark), and the put at offset 0 lands only if
+            # the key never held anything, names never being freed. Else it fails
+            # and the key is listed as always.
+            state.guessed = True
+            tail = _Tail(0, 0, {}, None, time.monotonic())
         for _ in range(_RACE_RETRIES):
             if tail is None:
                 tail = await self._learn(names)
@@ -957,12 +976,13 @@ class S3Store(SessionStore):
             if batch is not None:
                 metadata["producer"] = batch.producer
                 metadata["seq"] = str(batch.last_seq)
+            part_body = body if body is not None and not skip else b"\n".join([*new_lines, b""])
             try:
                 await self._request(
                     "put_object",
                     Bucket=self._bucket,
                     Key=part,
-                    Body=b"\n".join(new_lines) + b"\n",
+                    Body=part_body,
                     IfNoneMatch="*",
                     ContentType="application/x-ndjson",
                     Metadata=metadata,
@@ -1186,7 +1206,7 @@ class S3Store(SessionStore):
             # and the write then catches up from S3.
             pending = state.summary = _Summary(None, base, None, False, base)
         if pending is not None and pending.folded == start and pending.base == base:
-            pending.summary = fold_session_summary(pending.summary, names.key, new_entries)
+            pending.summary = fold_summary(pending.summary, names.key, new_entries)
             pending.folded += len(new_entries)
             pending.dirty = True
         else:
@@ -1505,7 +1525,7 @@ class S3Store(SessionStore):
                 describe_key(names.key),
                 end - folded,
             )
-            summary = fold_session_summary(summary, names.key, _parse_lines(names.key, lines))
+            summary = fold_summary(summary, names.key, _parse_lines(names.key, lines))
             return _Summary(summary, end, etag, True, view.base)
         raise self._no_cover(names)
 

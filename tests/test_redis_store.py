@@ -265,6 +265,29 @@ def test_from_url_reads_prefix_and_ttl_from_query(make_store: MakeStore) -> None
     assert store.client.get_retry().get_retries() == 0  # type: ignore[union-attr]
 
 
+async def test_from_url_reads_the_client_library_version_once(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py given no driver_info reads its package metadata for every connection it
+    opens (tens of ms of the event loop each); a from_url store's pool shares one."""
+    pytest.importorskip("redis.driver_info")
+    import redis.utils
+
+    calls: list[int] = []
+    real = redis.utils.get_lib_version
+
+    def counting() -> str:
+        calls.append(1)
+        return str(real())
+
+    monkeypatch.setattr(redis.utils, "get_lib_version", counting)
+    redis_module._driver_info.cache_clear()
+    store = make_store()
+    await asyncio.gather(*(store.length(KEY) for _ in range(4)))  # several connections
+    assert store.client.connection_pool.connection_kwargs["driver_info"].lib_version == real()
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize(
     ("url", "kwargs"),
     [
@@ -395,20 +418,30 @@ async def test_an_encoded_entry_that_is_not_json_is_refused_on_a_main_key(
 async def test_appends_in_one_round_trip_in_steady_state(
     store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commands: list[str] = []
+    """A plain append is one EVALSHA; a batch that skips nothing one MULTI/EXEC
+    transaction (its entries RPUSHed, then the script that checks and finishes)."""
+    trips: list[str] = []
     real = store.client.execute_command
+    real_execute = aioredis.client.Pipeline.execute
 
     async def counting(*args: Any, **kwargs: Any) -> Any:
-        commands.append(str(args[0]))
+        trips.append(str(args[0]))
         return await real(*args, **kwargs)
 
+    async def counting_pipeline(self: Any, *args: Any, **kwargs: Any) -> Any:
+        names = [str(command[0][0]) for command in self.command_stack]
+        trips.append(" ".join(["MULTI" if self.is_transaction else "PIPELINE", *names]))
+        return await real_execute(self, *args, **kwargs)
+
     monkeypatch.setattr(store.client, "execute_command", counting)
+    monkeypatch.setattr(aioredis.client.Pipeline, "execute", counting_pipeline)
     await store.append_batch(KEY, batch(0, entries(2)))
     await store.append_batch(KEY, batch(2, entries(3, start=2), expect=1))
     await store.append(KEY, entries(1, start=5))
     await store.append_batch(KEY, batch(5, entries(1, start=6), expect=4))
     await store.append_batch(SUB, batch(0, entries(2)))
-    assert commands == ["EVALSHA"] * 5
+    pushed = "MULTI RPUSH EVAL"
+    assert trips == [pushed, pushed, "EVALSHA", pushed, pushed]
     [summary] = await store.list_session_summaries("proj")
     assert summary["data"] == fold_session_summary(None, KEY, entries(7))["data"]
 
@@ -574,6 +607,27 @@ async def test_foreign_key_type_is_a_permanent_error(
         await store.append_batch(KEY, batch(0, entries(1)))
     assert isinstance(info.value, PermanentBackendError)
     assert "someone" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [(KEY, "p"), (KEY, "i"), (KEY, "m"), (SUB, "q"), (SUB, "k")],
+    ids=["marks", "index", "summary", "subkey-marks", "subkey-set"],
+)
+async def test_a_foreign_type_beside_the_list_fails_the_batch_before_it_writes(
+    store: RedisStore, raw: aioredis.Redis, prefix: str, key: SessionKey, kind: str
+) -> None:
+    """The batch's entries go to the list first (MULTI: RPUSH, then the script); when
+    another key of the step holds a type RedisStore did not write, they come off again."""
+    await store.append_batch(key, batch(0, entries(2)))
+    [name] = [n for n in await names_under(raw, prefix) if n.startswith(f"{prefix}:{kind}:")]
+    await raw.delete(name)
+    await raw.set(name, b"someone else's string")
+    before = {n: await raw.dump(n) for n in await names_under(raw, prefix)}
+    with pytest.raises(WrongTypeError):
+        await store.append_batch(key, batch(2, entries(3, start=2), expect=1))
+    assert {n: await raw.dump(n) for n in await names_under(raw, prefix)} == before
+    assert await store.load(key) == entries(2)
 
 
 # --- Reads in chunks, delete ------------------------------------------------
