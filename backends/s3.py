@@ -55,11 +55,7 @@ at keeps its name, so a put at an older end (a cached end another host wrote
 past, compacted or deleted since) always fails; a landed part therefore extends
 exactly the state it was decided on. The store caches each key's tail (end,
 marks as of it, last object): in the steady state an append is one PUT. A key
-it knows nothing of is listed first, except for a batch whose producer knows of
-nothing stored (``expect`` is ``None``: most likely a new session): that one is
-decided on "no entries, no marks" (append it all) and put at offset 0 straight
-away, which lands only on a key that never held anything, names never being
-freed; otherwise the put fails and the key is listed (once per key and store). A
+it knows nothing of is listed first. A
 decision that writes nothing (a full repeat) or raises ``MarkBehindError`` is
 never taken from the cache: it is made again on a fresh listing. A cached tail
 older than ``length_cache_ttl`` seconds is confirmed with a HEAD of its last
@@ -361,7 +357,6 @@ class _KeyState:
     tail: _Tail | None = None
     summary: _Summary | None = None  # None: unknown, the next sidecar write catches up
     appends: int = 0  # since the last compaction was scheduled
-    guessed: bool = False  # an append guessed the key is new (see ``_append``)
 
 
 @dataclass(eq=False)
@@ -937,15 +932,6 @@ class S3Store(SessionStore):
         state = self._state(names)
         tail = await self._trusted_tail(names, state)
         listed = False  # is ``tail`` from a listing made during this call?
-        if tail is None and batch is not None and batch.expect is None and not state.guessed:
-            # A key this store knows nothing of, and a producer that was never told
-            # anything of it was stored: most likely a new session. Guess so, once,
-            # instead of listing: the state "no entries, no marks" decides "append
-            # it all" (no expect, no mark), and the put at offset 0 lands only if
-            # the key never held anything, names never being freed. Else it fails
-            # and the key is listed as always.
-            state.guessed = True
-            tail = _Tail(0, 0, {}, None, time.monotonic())
         for _ in range(_RACE_RETRIES):
             if tail is None:
                 tail = await self._learn(names)

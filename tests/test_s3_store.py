@@ -385,30 +385,6 @@ async def test_a_repeat_writes_no_object(s3: S3Env) -> None:
     assert await store.load(KEY) == entries(5, tag="pa")
 
 
-async def test_a_new_key_takes_one_put_without_a_listing(s3: S3Env) -> None:
-    """A batch whose producer knows of nothing stored, to a key the store knows
-    nothing of: the put at offset 0 goes first (it lands only on a key that never
-    held anything); on a key that exists it fails and the key is listed as always."""
-    fresh, other = s3.store(summary_delay=3600, compact_every=None), s3.store()
-    calls: list[str] = []
-    real = fresh._request
-
-    async def counting(operation: str, **kwargs: Any) -> Any:
-        calls.append(operation)
-        return await real(operation, **kwargs)
-
-    fresh._request = counting  # type: ignore[method-assign]
-    assert await fresh.append_batch(KEY, batch("pa", 0, 3)) == Receipt(3, 2, 3)
-    assert calls == ["put_object"]
-    await other.append_batch(SUB, batch("pb", 0, 2))
-    calls.clear()
-    assert await fresh.append_batch(SUB, batch("pa", 0, 3)) == Receipt(3, 2, 5)
-    assert calls[:2] == ["put_object", "list_objects_v2"]  # the guess lost: list, decide
-    assert calls.count("put_object") == 2
-    assert await other.load(SUB) == entries(2, tag="pb") + entries(3, tag="pa")
-    assert await other.load(KEY) == entries(3, tag="pa")
-
-
 async def test_a_part_holds_only_the_entries_past_the_mark(s3: S3Env) -> None:
     store = s3.store()
     await store.append_batch(KEY, batch("pa", 0, 3))
