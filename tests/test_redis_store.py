@@ -270,7 +270,6 @@ async def test_from_url_reads_the_client_library_version_once(
 ) -> None:
     """redis-py given no driver_info reads its package metadata for every connection it
     opens (tens of ms of the event loop each); a from_url store's pool shares one."""
-    pytest.importorskip("redis.driver_info")
     import redis.utils
 
     calls: list[int] = []
