@@ -84,3 +84,30 @@ class MemoryStore:
     async def delete(self, key: SessionKey) -> None:
         await asyncio.sleep(0)
         await self.storage.data.delete(key)  # the marks stay: the tombstone
+
+
+class GatedStore(MemoryStore):
+    """Takes ``allowed`` batches, then fails (retryably) until ``allowed`` is raised."""
+
+    def __init__(self, storage: MemoryStorage | None = None) -> None:
+        super().__init__(storage)
+        self.allowed = 0
+
+    async def append_batch(self, key: SessionKey, batch: Batch) -> Receipt:
+        if self.allowed <= 0:
+            raise ConnectionError("gate closed (test)")
+        self.allowed -= 1
+        return await super().append_batch(key, batch)
+
+
+class SlowSessionStore(MemoryStore):
+    """Holds every batch of session ``slow`` until ``release`` is set."""
+
+    def __init__(self, storage: MemoryStorage | None = None) -> None:
+        super().__init__(storage)
+        self.release = asyncio.Event()
+
+    async def append_batch(self, key: SessionKey, batch: Batch) -> Receipt:
+        if key["session_id"] == "slow":
+            await self.release.wait()
+        return await super().append_batch(key, batch)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from claude_agent_sdk import InMemorySessionStore
 from claude_agent_sdk.types import SessionKey
-from memory_store import MemoryStorage, MemoryStore
+from memory_store import GatedStore, MemoryStorage, MemoryStore, SlowSessionStore
 
 import walmirror.queue
 from walmirror import DurableSessionStore
@@ -193,19 +193,6 @@ async def test_a_list_valued_uuid_on_a_foreign_store_neither_hangs_nor_breaks_lo
 # -- a key forgotten while this host still holds its key_id -------------------------------------
 
 
-class _HoldSlow(MemoryStore):
-    """Holds every batch of session ``slow`` until ``release`` is set."""
-
-    def __init__(self, storage: MemoryStorage | None = None) -> None:
-        super().__init__(storage)
-        self.release = asyncio.Event()
-
-    async def append_batch(self, key: SessionKey, batch: Any) -> Any:
-        if key["session_id"] == "slow":
-            await self.release.wait()
-        return await super().append_batch(key, batch)
-
-
 async def test_a_key_forgotten_mid_round_never_gets_another_keys_entries(
     make_durable: Callable[..., DurableSessionStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,7 +202,7 @@ async def test_a_key_forgotten_mid_round_never_gets_another_keys_entries(
     a new session K2 is created: SQLite gives it K1's key_id. A's next turn for K1
     (a KeyRow holding K1's name and that key_id) must not read K2's entries and
     send them into K1's transcript."""
-    slow_inner = _HoldSlow()
+    slow_inner = SlowSessionStore()
     a = FaultyStore(slow_inner)
     b = MemoryStore()
     a.down()  # both keys queued for A, so that one round of A picks both
@@ -349,20 +336,6 @@ async def test_forgotten_keys_returning_with_replays_and_new_entries_stay_exactl
 # -- batch rows: partial acks, compaction, data loss ------------------------------------------
 
 
-class _Gate(MemoryStore):
-    """Takes ``allowed`` batches, then fails (retryably) until ``allowed`` is raised."""
-
-    def __init__(self, storage: MemoryStorage | None = None) -> None:
-        super().__init__(storage)
-        self.allowed = 0
-
-    async def append_batch(self, key: SessionKey, batch: Any) -> Any:
-        if self.allowed <= 0:
-            raise ConnectionError("gate closed (test)")
-        self.allowed -= 1
-        return await super().append_batch(key, batch)
-
-
 async def _pending(store: DurableSessionStore, index: int = 0) -> int:
     return int((await store.status())["backends"][index]["pending_entries"])
 
@@ -371,7 +344,7 @@ async def test_one_entry_batches_with_compaction_between_each_ack(
     make_durable: Callable[..., DurableSessionStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(walmirror.queue, "BATCH_ROW_BYTES", 30)  # ~2 entries a row
-    inner = _Gate()
+    inner = GatedStore()
     store = make_durable(inner, max_batch_entries=1, retention_seconds=0, **TUNING)
     entries = [{"uuid": f"u{n}", "n": n} for n in range(9)]
     await store.append(KEY, entries[:4])
@@ -402,7 +375,7 @@ async def test_a_backend_that_loses_data_after_partial_acks_of_a_multi_row_batch
 ) -> None:
     monkeypatch.setattr(walmirror.queue, "BATCH_ROW_BYTES", 60)
     storage = MemoryStorage()
-    inner = _Gate(storage)
+    inner = GatedStore(storage)
     store = make_durable(inner, max_batch_entries=3, retention_seconds=0, **TUNING)
     entries = [{"uuid": f"u{n}", "n": n} for n in range(20)]
     await store.append(KEY, entries)
@@ -433,7 +406,7 @@ async def test_compaction_waits_for_the_slower_of_two_backends(
 ) -> None:
     monkeypatch.setattr(walmirror.queue, "BATCH_ROW_BYTES", 50)
     fast = MemoryStore()
-    slow = _Gate()
+    slow = GatedStore()
     store = make_durable([fast, slow], max_batch_entries=2, retention_seconds=0, **TUNING)
     entries = [{"uuid": f"u{n}", "n": n} for n in range(12)]
     for start in range(0, 12, 4):
@@ -506,7 +479,7 @@ async def test_twenty_thousand_tiny_entries_in_one_append(
 async def test_one_huge_entry_among_small_ones_and_rows_split_around_it(
     make_durable: Callable[..., DurableSessionStore],
 ) -> None:
-    inner = _Gate()
+    inner = GatedStore()
     store = make_durable(inner, max_batch_entries=2, max_batch_bytes=1 << 20, **TUNING)
     big = {"uuid": "big", "text": "\u2028\n" * (3 << 20)}  # ~15 MiB of JSON escapes
     entries = [{"uuid": "s0"}, big, {"uuid": "s1"}, {"uuid": "s2"}]

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from claude_agent_sdk.types import SessionKey
-from memory_store import MemoryStore
+from memory_store import GatedStore, MemoryStore, SlowSessionStore
 
 import walmirror.queue
 from walmirror import DurableSessionStore, ledger
@@ -128,24 +128,10 @@ async def test_the_ledger_survives_a_restart(
     assert await inner.load(KEY) == [*entries, {"uuid": "u10", "n": 10}]
 
 
-class _Gate(MemoryStore):
-    """Takes ``allowed`` batches, then fails (retryably) until ``allowed`` is raised."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.allowed = 0
-
-    async def append_batch(self, key: SessionKey, batch: Any) -> Any:
-        if self.allowed <= 0:
-            raise ConnectionError("gate closed (test)")
-        self.allowed -= 1
-        return await super().append_batch(key, batch)
-
-
 async def test_a_batch_acknowledged_in_part_is_read_from_its_middle_and_kept(
     make_durable: Callable[..., DurableSessionStore],
 ) -> None:
-    inner = _Gate()
+    inner = GatedStore()
     store = make_durable(inner, max_batch_entries=5, retention_seconds=0, **TUNING)
     entries = [{"uuid": f"u{n}", "n": n} for n in range(17)]
     await store.append(KEY, entries)
@@ -258,23 +244,10 @@ async def test_a_schema_3_queue_keeps_its_entries_and_its_ledger(
 # -- the flusher: the keys of a round keep going while one call hangs ------------------------
 
 
-class _Hanging(MemoryStore):
-    """Holds every batch of session ``slow`` until ``release`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = asyncio.Event()
-
-    async def append_batch(self, key: SessionKey, batch: Any) -> Any:
-        if key["session_id"] == "slow":
-            await self.release.wait()
-        return await super().append_batch(key, batch)
-
-
 async def test_the_keys_of_a_round_keep_delivering_while_one_call_hangs(
     make_durable: Callable[..., DurableSessionStore],
 ) -> None:
-    inner = _Hanging()
+    inner = SlowSessionStore()
     faulty = FaultyStore(inner)
     faulty.down()  # both keys queued, so that one round picks both
     store = make_durable(faulty, max_batch_entries=2, call_timeout=60, **TUNING)
@@ -357,7 +330,7 @@ async def test_a_big_append_is_stored_as_several_rows_and_read_across_them(
     make_durable: Callable[..., DurableSessionStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(walmirror.queue, "BATCH_ROW_BYTES", 40)
-    inner = _Gate()
+    inner = GatedStore()
     store = make_durable(inner, max_batch_entries=3, **TUNING)
     entries = [{"uuid": f"u{n}", "n": n} for n in range(10)]  # ~20 bytes each
     await store.append(KEY, entries)
