@@ -65,13 +65,14 @@ __all__ = [
 
 # -- what this CLI version writes locally but does not mirror, and the reverse -------
 #
-# Measured on claude-agent-sdk 0.2.189 with its bundled CLI 2.1.332 (Claude Code):
-# the local JSONL holds every mirrored entry, in the same order, plus
+# Measured on claude-agent-sdk 0.2.190 with its bundled CLI 2.1.337 (Claude Code;
+# 0.2.189's CLI 2.1.332 wrote no "api-request-route" at shut down): the local JSONL
+# holds every mirrored entry, in the same order, plus
 #   - the request records, in the main and the subagent transcripts;
 LOCAL_ONLY_TYPES = frozenset({"api-request", "api-request-shape", "api-request-blob"})
 #   - at the end of the main transcript, what the CLI writes as it shuts down
 #     (after its last mirror frame);
-SHUTDOWN_TAIL = ("last-prompt", "cost-state")
+SHUTDOWN_TAIL = ("last-prompt", "api-request-route", "cost-state")
 #   and a subagent's mirror holds entries its local JSONL lacks: the agent's
 #   metadata (the CLI keeps it in the ``<agent>.meta.json`` sidecar instead).
 MIRROR_ONLY_TYPES = frozenset({"agent_metadata"})
