@@ -35,6 +35,12 @@ checkpoint that runs while commits go on cannot finish, so under sustained write
 the WAL would grow without bound). At 256, ingest with 50 sessions fell by a
 quarter."""
 
+WAL_FILE_PAGES = 4 * WAL_PAGES
+"""How large the WAL file is left when the WAL restarts (``journal_size_limit``):
+above what it holds between checkpoints, so that commits overwrite frames already on
+disk. Cut back to WAL_PAGES, the file grew again in every checkpoint cycle, and a
+commit that grows the file waits for its new size to be synced too."""
+
 
 class Connection:
     """One sqlite3 connection owned by one thread, fed by a queue of jobs (the aiosqlite
@@ -78,11 +84,12 @@ class Connection:
         # to be ours (a foreign database must be left byte for byte as it was).
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         # A bounded WAL: this connection's commits checkpoint it past ``autocheckpoint``
-        # pages, and it is cut back to WAL_PAGES after a bigger transaction. On a full
-        # disk, a checkpoint needs room for what the WAL holds; the queue's disk reserve
-        # (2 * WAL_PAGES) is sized for it.
+        # pages. On a full disk, a checkpoint needs room for what the WAL holds; the
+        # queue's disk reserve (2 * WAL_PAGES) is sized for it. The file itself is kept
+        # (up to WAL_FILE_PAGES) when the WAL restarts: a commit that overwrites frames
+        # already on disk syncs data only, one that grows the file syncs its size too.
         conn.execute(f"PRAGMA wal_autocheckpoint = {self._autocheckpoint}")
-        conn.execute(f"PRAGMA journal_size_limit = {WAL_PAGES * 4096}")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_FILE_PAGES * 4096}")
         self._conn = conn
 
     async def open(self) -> None:

@@ -9,6 +9,7 @@ main transcript has none (the empty string is invalid, as the SDK says).
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Any
 
@@ -17,6 +18,8 @@ from claude_agent_sdk.types import SessionKey
 from .errors import InvalidKeyError
 
 MAX_PART_LENGTH = 512
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def has_utf8_form(text: str) -> bool:
@@ -42,7 +45,7 @@ def _check_component(what: str, value: Any) -> None:
         raise InvalidKeyError(f"{what} must not be '.' or '..'")
     if "/" in value or "\\" in value:
         raise InvalidKeyError(f"{what} must not contain '/' or '\\'")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    if _CONTROL.search(value):
         raise InvalidKeyError(f"{what} must not contain NUL or control characters")
     if not value.isascii():
         if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in value):

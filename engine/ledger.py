@@ -53,10 +53,10 @@ class _KeyHashes:
         i = bisect_left(self.merged, h)
         return i < len(self.merged) and self.merged[i] == h
 
-    def add(self, h: int) -> None:
-        self.recent.add(h)
-        # Merge when recent is a quarter of merged: each hash is re-sorted a bounded
-        # number of times, and the set (~60 bytes per hash) stays small.
+    def merge_if_due(self) -> None:
+        """Merge ``recent`` into ``merged`` once it is a quarter of it: each hash is
+        re-sorted a bounded number of times, and the set (~60 bytes per hash) stays
+        small."""
         if len(self.recent) > max(1024, len(self.merged) // 4):
             self.merged = array("q", sorted(self.merged.tolist() + list(self.recent)))
             self.recent = set()
@@ -78,29 +78,37 @@ class UuidLedger:
         """The rows whose uuid the key does not hold yet (the first of a uuid repeated
         in ``rows``), their uuids now counted as held. Rows without a uuid all pass."""
         hashes = self._hashes(key_id)
+        # The per-entry work is inlined (no method call per uuid): this runs for every
+        # appended entry, on the writer thread, holding the GIL the event loop needs.
+        recent, merged = hashes.recent, hashes.merged
+        size = len(merged)
         new: list[Row] = []
-        claimed: set[str] = set()  # this call's uuids
+        claimed: dict[str, int] = {}  # this call's uuids, with their hashes
+        added: list[int] = []  # hashes not held before
         exact: set[str] | None = None  # the key's persisted uuids, read on a hash hit
         for row in rows:
             uuid = row[0]
             if uuid is not None:
                 if uuid in claimed:
                     continue
-                if hash(uuid) in hashes:
+                h = hash(uuid)
+                if h in recent or ((i := bisect_left(merged, h)) < size and merged[i] == h):
                     if exact is None:
                         exact = set(self._load(key_id)) | self._unsaved.get(key_id, set())
                     if uuid in exact:
                         continue
-                claimed.add(uuid)
+                    # A collision with a held uuid: the hash is already counted.
+                else:
+                    added.append(h)
+                    recent.add(h)
+                claimed[uuid] = h
             new.append(row)
         if claimed:
             self._unsaved.setdefault(key_id, set()).update(claimed)
-        for uuid in claimed:
-            h = hash(uuid)
-            if h not in hashes:  # (a collision with a held uuid is already there)
-                hashes.add(h)
-                self._held += 1
-        self._trim(keep=key_id)
+        if added:
+            self._held += len(added)
+            hashes.merge_if_due()
+            self._trim(keep=key_id)
         return new
 
     def saved(self) -> None:
