@@ -86,6 +86,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import orjson
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
 
 from .errors import InvalidEntryError, MarkBehindError
@@ -119,6 +120,13 @@ MAX_SEQ = (1 << 63) - 1
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+# Subclasses, dataclasses and dates go to orjson's ``default`` (none: it raises), so
+# the stdlib decides about them as it always has.
+_ORJSON_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+)
 
 
 def encode_entry(entry: Any) -> bytes:
@@ -130,12 +138,34 @@ def encode_entry(entry: Any) -> bytes:
     cannot be UTF-8, so such an entry is written with ``\\uXXXX`` escapes
     instead: still valid JSON, and ``json.loads`` gives back the same value.
     Raises ``TypeError``/``ValueError``/``RecursionError`` like ``json.dumps``.
+
+    Most entries take a fast path (``_fast_encode``) that gives the same JSON value
+    (the same bytes, but for how a float's exponent is spelled) in a third of the time.
     """
+    body = _fast_encode(entry)
+    return body if body is not None else _stdlib_encode(entry)
+
+
+def _stdlib_encode(entry: Any) -> bytes:
     text = _ENCODER.encode(entry)
     try:
         return text.encode()
     except UnicodeEncodeError:
         return _ASCII_ENCODER.encode(entry).encode()
+
+
+def _fast_encode(entry: Any) -> bytes | None:
+    """orjson's encoding of ``entry`` when it is exactly the entry's JSON value, else
+    None (the stdlib then decides). orjson refuses lone surrogates, integers past 64
+    bits, non-string keys and nesting past 254 levels; but it writes NaN and the
+    infinities as ``null`` and accepts UUIDs and enums, all of which ``json.dumps``
+    refuses. So its bytes are read back and must give a value equal to the entry:
+    that holds for plain JSON values, and for nothing the stdlib would refuse."""
+    try:
+        body = orjson.dumps(entry, option=_ORJSON_OPTIONS)
+    except orjson.JSONEncodeError:
+        return None
+    return body if orjson.loads(body) == entry else None
 
 
 def decode_entry(body: bytes) -> SessionStoreEntry:
@@ -187,8 +217,11 @@ def check_encodable(index: int, entry: Any) -> bytes:
         raise InvalidEntryError(
             f"entry {index} of the batch must be a JSON object (dict), got {type(entry).__name__}"
         )
+    body = _fast_encode(entry)
+    if body is not None:  # at most 254 levels deep: no depth to check
+        return body
     try:
-        body = encode_entry(entry)
+        body = _stdlib_encode(entry)
     except RecursionError:
         body = b""  # nested far too deep for json.dumps itself
     except (TypeError, ValueError) as exc:
