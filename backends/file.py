@@ -151,7 +151,14 @@ from walmirror.errors import (
     WalmirrorError,
 )
 from walmirror.keys import describe_key, validate_key
-from walmirror.protocol import Batch, Receipt, check_batch, encode_entry, skip_count
+from walmirror.protocol import (
+    Batch,
+    Receipt,
+    check_batch,
+    decode_array,
+    encode_entry,
+    skip_count,
+)
 
 __all__ = [
     "SIDECAR_DIR",
@@ -858,7 +865,7 @@ def _encode(key: SessionKey, entries: Any) -> list[bytes]:
 def _decode_lines(key: SessionKey, data: bytes, count: int) -> list[SessionStoreEntry]:
     """The entries of ``count`` lines of canonical JSON, parsed in one call (a batch's
     ``json.loads`` per entry costs five times as much)."""
-    parsed = json.loads(b"[" + data[:-1].replace(b"\n", b",") + b"]")
+    parsed = decode_array(b"[" + data[:-1].replace(b"\n", b",") + b"]")
     if len(parsed) != count or not all(isinstance(e, dict) for e in parsed):
         raise ValueError(f"{describe_key(key)}: an encoded entry is not one JSON object")
     return cast(list[SessionStoreEntry], parsed)

@@ -192,7 +192,14 @@ from walmirror.errors import (
     WalmirrorError,
 )
 from walmirror.keys import describe_key, validate_key, validate_project_key
-from walmirror.protocol import Batch, Receipt, check_batch, encode_entry, skip_count
+from walmirror.protocol import (
+    Batch,
+    Receipt,
+    check_batch,
+    decode_array,
+    encode_entry,
+    skip_count,
+)
 
 __all__ = ["CorruptTranscriptError", "S3ConcurrencyError", "S3PermanentError", "S3Store"]
 
@@ -1775,7 +1782,7 @@ def _split_lines(content: bytes, name: str) -> list[bytes]:
 def _parse_lines(key: SessionKey, lines: list[bytes]) -> list[SessionStoreEntry]:
     # JSON strings never hold a raw newline, so the lines join into one array.
     try:
-        parsed = json.loads(b"[" + b",".join(lines) + b"]")
+        parsed = decode_array(b"[" + b",".join(lines) + b"]")
     except ValueError:
         parsed = None
     if not isinstance(parsed, list) or len(parsed) != len(lines):

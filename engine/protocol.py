@@ -101,6 +101,7 @@ __all__ = [
     "Receipt",
     "check_batch",
     "check_encodable",
+    "decode_array",
     "decode_entry",
     "encode_entry",
     "implements",
@@ -169,8 +170,30 @@ def _fast_encode(entry: Any) -> bytes | None:
 
 
 def decode_entry(body: bytes) -> SessionStoreEntry:
-    entry: SessionStoreEntry = json.loads(body)
+    entry: SessionStoreEntry = decode_array(body)
     return entry
+
+
+# A byte per byte: "0" for a digit, " " for the rest (``bytes.translate``).
+_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_NUMBER = b"0" * 19
+
+
+def decode_array(text: bytes) -> Any:
+    """``json.loads(text)``: the same values of the same types, in half the time.
+
+    orjson parses it where it reads JSON as the stdlib does. Where it would not, it
+    refuses (a lone surrogate escaped, ``NaN``, a number past a double) and the
+    stdlib decides; or it reads an integer past 64 bits as a float: so text with a
+    run of 19 digits anywhere (a string's included) goes to the stdlib at once.
+    Raises ``ValueError`` (``RecursionError`` too deep) like ``json.loads``.
+    """
+    if _LONG_NUMBER not in text.translate(_DIGITS):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 MAX_ENTRY_DEPTH = 500
@@ -267,10 +290,10 @@ class Batch:
     def entries(self) -> list[SessionStoreEntry]:
         if self._entries is None:  # one parse of the whole batch: ~5x cheaper than one per entry
             try:
-                entries = json.loads(b"[" + b",".join(self.encoded) + b"]")
+                entries = decode_array(b"[" + b",".join(self.encoded) + b"]")
             except (ValueError, RecursionError):
                 entries = None
-            if entries is None or len(entries) != len(self.encoded):
+            if not isinstance(entries, list) or len(entries) != len(self.encoded):
                 entries = [self._decode(i) for i in range(len(self.encoded))]
             object.__setattr__(self, "_entries", entries)
         assert self._entries is not None

@@ -74,7 +74,7 @@ values = st.recursive(
 )
 
 
-@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(entry=st.dictionaries(st.text(max_size=8), values, max_size=6))
 def test_the_fast_path_refuses_and_accepts_exactly_what_json_does(entry: dict[str, Any]) -> None:
     got, want = outcome(encode_entry, entry), outcome(reference, entry)
@@ -213,13 +213,14 @@ json_values = st.recursive(
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text()
     | st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0xFFFF)),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
-    max_leaves=20,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=10,
 )
 
 
-@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(entries=st.lists(st.dictionaries(st.text(max_size=8), json_values), min_size=1))
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(entries=st.lists(st.dictionaries(st.text(max_size=8), json_values), min_size=1, max_size=6))
 def test_a_batch_parses_to_exactly_what_json_loads_gives(entries: list[dict[str, Any]]) -> None:
     """Integers past 64 bits stay integers, lone surrogates come back, floats keep
     every bit: whichever parser reads the batch."""
