@@ -6,10 +6,14 @@ A round of the loop:
    queued after a delete may reach the backend before the delete does;
 2. pick up to ``max_parallel_keys`` keys with unacknowledged entries, oldest
    first, skipping parked keys and keys cooling down after a failure;
-3. for each key, concurrently: read one batch (bounded by entries and bytes),
-   send it, and record the new cursor in the queue. A key whose batch went
-   through and that has more queued goes again while other keys of the round
-   are still in flight: no key idles waiting for the round's slowest call.
+3. deliver them on up to ``max_parallel_keys`` slots: a slot reads one batch of
+   its key (bounded by entries and bytes), sends it and records the new cursor
+   in the queue; then it takes the key whose oldest entry is now the oldest
+   pending that no slot holds (its own again, when that is still it). So no
+   key waits for another's slow call, and the oldest entries always go next.
+   A round ends when no key has work for a free slot, after ``ROUND_SECONDS``
+   (deletes and compaction wait for round ends), or, once a key failed, when
+   the keys in flight are done.
 
 Backends that speak the delivery protocol (``walmirror.protocol``) get
 ``append_batch(key, Batch(producer, first_seq, bodies, expect))``: the backend
@@ -51,6 +55,7 @@ import logging
 import random
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
@@ -83,6 +88,11 @@ BreakerState = Literal["closed", "open", "half-open"]
 # (back off, maybe open the breaker); everything tried failed on its own while the
 # backend answers (pace the rounds); nothing to do (sleep until there is).
 Verdict = Literal["done", "failed", "items_failed", "idle"]
+
+ROUND_SECONDS = 0.25
+"""How long a round's slots go on taking keys: under steady appends there is always
+a next batch, and deletes, compaction and the breaker's judgement wait for the
+round's end."""
 
 
 def describe_error(exc: BaseException) -> str:
@@ -366,10 +376,8 @@ class Flusher:
                 self._note_backlog(age)
                 if age is not None and age < self.tuning.batch_linger:
                     await asyncio.sleep(self.tuning.batch_linger - age)
-                running = [len(keys)]  # keys of this round still delivering
-                outcomes += await asyncio.gather(
-                    *(self._deliver_while_round_runs(key, running) for key in keys)
-                )
+                skip = {i for kind, i in cooling if kind == "key"}
+                outcomes += await self._deliver_keys(keys, skip, refill=not probing)
             return await self._judge(outcomes)
 
     async def _pick_probe(
@@ -568,21 +576,59 @@ class Flusher:
 
     # -- one key ---------------------------------------------------------------
 
-    async def _deliver_while_round_runs(self, key: KeyRow, running: list[int]) -> _Outcome:
-        """Deliver ``key``'s batches one after another for as long as each goes through
-        in full and other keys of the round (``running[0]`` counts them, this one
-        included) are still in flight; one outcome for them all."""
-        try:
-            outcome = await self._deliver(key)
-            delivered = outcome.delivered
-            while outcome.done and outcome.delivered and running[0] > 1 and not self._stopping:
-                outcome = await self._deliver(key)
-                delivered += outcome.delivered
-            if delivered != outcome.delivered:  # it went more than once: it got through
-                outcome = replace(outcome, delivered=delivered, done=True)
-            return outcome
-        finally:
-            running[0] -= 1
+    async def _deliver_keys(
+        self, keys: list[KeyRow], skip: set[int], *, refill: bool
+    ) -> list[_Outcome]:
+        """Deliver ``keys`` on ``len(keys)`` slots. With ``refill``, a slot whose key
+        went through takes the key with the oldest pending entry that no slot holds
+        and that has not stopped this round (nothing left, a failure, or in ``skip``),
+        until no such key is left or ``ROUND_SECONDS`` have passed; after a
+        retryable failure from the backend no slot takes another key, so an outage
+        costs one failed call per slot, not one per queued key. One outcome per key."""
+        deadline = time.monotonic() + ROUND_SECONDS
+        waiting = deque(keys)
+        busy: set[int] = set()
+        stopped = set(skip)  # keys that take no more turns this round
+        outcomes: dict[int, _Outcome] = {}
+        refilling = asyncio.Lock()
+
+        async def next_key() -> KeyRow | None:
+            while True:
+                while waiting:
+                    key = waiting.popleft()
+                    if key.key_id not in busy and key.key_id not in stopped:
+                        return key
+                if not refill or self._stopping or time.monotonic() >= deadline:
+                    return None
+                async with refilling:
+                    if not waiting:
+                        more = await self.queue.pending_keys(
+                            self.name, len(keys), exclude=busy | stopped
+                        )
+                        if not more:
+                            return None
+                        waiting.extend(more)
+
+        async def slot() -> None:
+            nonlocal refill
+            while (key := await next_key()) is not None:
+                busy.add(key.key_id)
+                try:
+                    outcome = await self._deliver(key)
+                finally:
+                    busy.discard(key.key_id)
+                earlier = outcomes.get(key.key_id)
+                if earlier is not None and earlier.delivered:  # it got through before
+                    delivered = earlier.delivered + outcome.delivered
+                    outcome = replace(outcome, delivered=delivered, done=True)
+                outcomes[key.key_id] = outcome
+                if not (outcome.done and outcome.delivered):
+                    stopped.add(key.key_id)
+                    if outcome.error is not None and not outcome.internal:
+                        refill = False  # the backend may be down: judge the round first
+
+        await asyncio.gather(*(slot() for _ in keys))
+        return list(outcomes.values())
 
     async def _deliver(self, key: KeyRow) -> _Outcome:
         item = ("key", key.key_id)

@@ -514,6 +514,7 @@ async def test_many_tasks_appending_to_one_key_with_overlapping_uuids(
     for t in range(20):
         mine = [e["n"] for e in stored if e.get("t") == t]
         assert mine == list(range(30))
+    inner.reset_faults()  # a load through a 20 % error rate may fail: not what this checks
     assert await store.load(KEY) == stored
 
 
