@@ -315,6 +315,13 @@ def analyze(
         "flush_wait_ms": percentiles(log.flush_wait_s, 1000.0, 3),
         "lag_s": percentiles(lags),
         "oldest_pending_s": percentiles(oldest),
+        # The queue's own lag, sampled as status() reports it (DESIGN's "steady lag"):
+        # the age of the oldest entry walmirror holds and the backend does not. The
+        # lag above starts earlier, at the CLI: it holds the SDK batcher's wait for
+        # the turn's end too.
+        "queue_lag_s": percentiles(
+            [float(s["queue_lag_s"]) for _, s in log.samples if "queue_lag_s" in s]
+        ),
         "catch_up_s": (
             None
             if not caught or any(c is None for c in catch_ups)

@@ -46,6 +46,7 @@ FIGURES: list[tuple[str, str, str]] = [
     ("flush_wait_ms", "turn-end flush wait p50 / p99 / max (ms)", "pct"),
     ("lag_s", "lag p50 / p99 / max (s)", "pct"),
     ("oldest_pending_s", "oldest pending over time p50 / p99 / max (s)", "pct"),
+    ("queue_lag_s", "queue lag, as status() reports it, p50 / p99 / max (s)", "pct"),
     ("catch_up_s", "heal to caught up (s)", "float"),
     ("drain_entries_per_s", "drain rate while catching up (entries/s)", "int"),
     ("peak_rss_mb", "peak RSS (MB)", "float"),

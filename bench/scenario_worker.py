@@ -363,15 +363,16 @@ class Worker:
                 pending = -1
         rss, peak = _rss_kb()
         calls = sum(self.faulty.calls.values())
-        sample = {
+        sample: dict[str, Any] = {
             "queue_pending": pending,
-            "queue_lag_s": round(lag, 4),
             "parked": parked,
             "queue_bytes": _queue_bytes(self.config.get("queue")),
             "rss_kb": rss,
             "rss_peak_kb": peak,
             "requests": calls,
         }
+        if self.store is not None:  # the queue's lag, as status() reports it
+            sample["queue_lag_s"] = round(lag, 4)
         t = round(self.log.now(), 4)
         self.log.write(["S", t, sample])
         acked = self.observer.acked if self.observer else 0

@@ -120,6 +120,9 @@ def test_long_outage_side_by_side_json_and_plot(
     assert sdk["stored"] < sdk["sent"]
     assert w["stored"] == w["sent"] == w["acknowledged"]
     assert w["catch_up_s"] is not None  # every entry sent before the heal arrived
+    # The queue's own lag (status()) was sampled, and saw entries wait out the outage.
+    assert w["queue_lag_s"]["count"] > 0 and w["queue_lag_s"]["max"] >= 1.0
+    assert sdk["queue_lag_s"]["count"] == 0  # no queue on the SDK's own path
     assert result["windows"] == [{"kind": "down", "start": 0.5, "end": 3.0, "value": 1.0}]
     # every documented field is in the JSON
     for name in documented_fields("json-fields:system"):
