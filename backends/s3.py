@@ -670,6 +670,7 @@ class S3Store(SessionStore):
             if view is None:
                 view = await self._scan(names, count_last=False)
             if not view.cover:
+                self._learned_empty(names, view)
                 return None
             try:
                 lines = await self._read_lines(names, view, view.base, None)
@@ -1042,6 +1043,18 @@ class S3Store(SessionStore):
         raise S3ConcurrencyError(
             f"{describe_key(names.key)}: could not learn the producers' marks; retry"
         )
+
+    def _learned_empty(self, names: _Names, view: _View) -> None:
+        """A listing found nothing at all under the key (no part, no delete, no
+        checkpoint): the tail ``_learn`` would compute is the empty one, so cache it
+        unless an append cached a tail since. The flusher loads a key new to its
+        queue right before its first delivery; this spares that put a second listing
+        (a writer that lands first makes the put's condition fail, as always)."""
+        if view.cover or view.parts or view.checkpoints or view.guard or view.dead:
+            return
+        state = self._state(names)
+        if state.tail is None:
+            state.tail = _Tail(0, 0, {}, None, time.monotonic())
 
     async def _marks_at(self, view: _View, offset: int) -> dict[str, int] | None:
         """Each producer's mark as of ``offset``: the newest checkpoint at or below it,

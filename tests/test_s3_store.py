@@ -413,6 +413,32 @@ async def test_two_writers_at_one_offset_both_land_one_after_the_other(s3: S3Env
     assert [e for e in stored if e["uuid"].startswith("pb")] == entries(5, tag="pb")
 
 
+async def test_a_key_loaded_empty_is_appended_to_without_listing_it_again(s3: S3Env) -> None:
+    """The flusher loads a key new to its queue before the first delivery (uuids another
+    queue stored): when that listing found nothing at all, the first put needs no
+    second one. Another writer landing in between is still caught by the put's
+    condition."""
+    store, other = s3.store(), s3.store()
+    ops: list[str] = []
+    real = store._request
+
+    async def counting(operation: str, **kwargs: Any) -> Any:
+        ops.append(operation)
+        return await real(operation, **kwargs)
+
+    store._request = counting  # type: ignore[method-assign]
+    assert await store.load(KEY) is None
+    assert await store.append_batch(KEY, batch("pa", 0, 3)) == Receipt(3, 2, 3)
+    assert ops.count("list_objects_v2") == 1
+    # Loaded empty, then another host writes first: the conditional put loses, the
+    # store lists and appends after it.
+    key2: SessionKey = {"project_key": "proj", "session_id": "other"}
+    assert await store.load(key2) is None
+    await other.append_batch(key2, batch("pb", 0, 2))
+    assert await store.append_batch(key2, batch("pa", 0, 3)) == Receipt(3, 2, 5)
+    assert await other.load(key2) == entries(2, tag="pb") + entries(3, tag="pa")
+
+
 async def test_a_stale_cached_end_is_corrected_by_the_conditional_put(s3: S3Env) -> None:
     mine, theirs = s3.store(), s3.store()
     await mine.append_batch(KEY, batch("pa", 0, 2))  # mine caches end 2
