@@ -617,15 +617,15 @@ class Flusher:
                     outcome = await self._deliver(key)
                 finally:
                     busy.discard(key.key_id)
+                if not (outcome.done and outcome.delivered):  # this turn, not the round's
+                    stopped.add(key.key_id)
+                    if outcome.error is not None and not outcome.internal:
+                        refill = False  # the backend may be down: judge the round first
                 earlier = outcomes.get(key.key_id)
                 if earlier is not None and earlier.delivered:  # it got through before
                     delivered = earlier.delivered + outcome.delivered
                     outcome = replace(outcome, delivered=delivered, done=True)
                 outcomes[key.key_id] = outcome
-                if not (outcome.done and outcome.delivered):
-                    stopped.add(key.key_id)
-                    if outcome.error is not None and not outcome.internal:
-                        refill = False  # the backend may be down: judge the round first
 
         await asyncio.gather(*(slot() for _ in keys))
         return list(outcomes.values())

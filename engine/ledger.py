@@ -28,6 +28,7 @@ from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from itertools import chain
 
 Row = tuple[str | None, bytes]  # (uuid, encoded entry)
 
@@ -129,7 +130,10 @@ class UuidLedger:
     def _hashes(self, key_id: int) -> _KeyHashes:
         hashes = self._keys.get(key_id)
         if hashes is None:
-            hashes = _KeyHashes(hash(uuid) for uuid in self._load(key_id))
+            # Uuids claimed earlier in the transaction under way are not in what
+            # ``load`` reads yet (the key may have been trimmed since it claimed them).
+            held = chain(self._load(key_id), self._unsaved.get(key_id, ()))
+            hashes = _KeyHashes(hash(uuid) for uuid in held)
             self._keys[key_id] = hashes
             self._held += len(hashes)
         else:

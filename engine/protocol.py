@@ -159,14 +159,16 @@ def _fast_encode(entry: Any) -> bytes | None:
     """orjson's encoding of ``entry`` when it is exactly the entry's JSON value, else
     None (the stdlib then decides). orjson refuses lone surrogates, integers past 64
     bits, non-string keys and nesting past 254 levels; but it writes NaN and the
-    infinities as ``null`` and accepts UUIDs and enums, all of which ``json.dumps``
-    refuses. So its bytes are read back and must give a value equal to the entry:
-    that holds for plain JSON values, and for nothing the stdlib would refuse."""
+    infinities as ``null`` and accepts UUIDs, enums and ``orjson.Fragment``, all of
+    which ``json.dumps`` refuses. So its bytes are read back and must give a value
+    equal to the entry: that holds for plain JSON values, and for nothing the stdlib
+    would refuse, but for an ``Enum`` member made to compare equal to its value
+    (stored as that value)."""
     try:
         body = orjson.dumps(entry, option=_ORJSON_OPTIONS)
-    except orjson.JSONEncodeError:
+        return body if orjson.loads(body) == entry else None
+    except (orjson.JSONEncodeError, orjson.JSONDecodeError):  # (an orjson.Fragment's bytes)
         return None
-    return body if orjson.loads(body) == entry else None
 
 
 def decode_entry(body: bytes) -> SessionStoreEntry:
@@ -215,7 +217,9 @@ def too_deep(entry: Any, body: bytes) -> bool:
         if depth > MAX_ENTRY_DEPTH:
             return True
         if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, dict | list))
+            stack.extend(
+                (v, depth + 1) for v in value.values() if isinstance(v, dict | list | tuple)
+            )
         elif isinstance(value, list | tuple):
             stack.extend((v, depth + 1) for v in value if isinstance(v, dict | list | tuple))
     return False

@@ -96,6 +96,8 @@ def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | No
                 f"{max_entry_bytes} (max_entry_bytes); nothing of the batch was stored"
             )
         uuid = entry.get("uuid")
+        if isinstance(uuid, str) and type(uuid) is not str:
+            uuid = str.__str__(uuid)  # a str subclass: its text, as JSON holds it
         rows.append((uuid if isinstance(uuid, str) and uuid else None, body))
     return rows
 
