@@ -582,7 +582,8 @@ class Flusher:
         """Deliver ``keys`` on ``len(keys)`` slots. With ``refill``, a slot whose key
         went through takes the key with the oldest pending entry that no slot holds
         and that has not stopped this round (nothing left, a failure, or in ``skip``),
-        until no such key is left or ``ROUND_SECONDS`` have passed; after a
+        if that entry is at least ``batch_linger`` old, until no such key is left or
+        ``ROUND_SECONDS`` have passed; after a
         retryable failure from the backend no slot takes another key, so an outage
         costs one failed call per slot, not one per queued key. One outcome per key."""
         deadline = time.monotonic() + ROUND_SECONDS
@@ -602,8 +603,14 @@ class Flusher:
                     return None
                 async with refilling:
                     if not waiting:
+                        # Entries younger than ``batch_linger`` wait for the next round
+                        # (which lingers): a key that gets an append at a time would
+                        # otherwise go to the backend once per append.
                         more = await self.queue.pending_keys(
-                            self.name, len(keys), exclude=busy | stopped
+                            self.name,
+                            len(keys),
+                            exclude=busy | stopped,
+                            appended_before=time.time() - self.tuning.batch_linger,
                         )
                         if not more:
                             return None

@@ -696,10 +696,15 @@ class WriteAheadQueue:
     # -- the flusher's view ------------------------------------------------
 
     async def pending_keys(
-        self, backend: str, limit: int, exclude: Collection[int] = ()
+        self,
+        backend: str,
+        limit: int,
+        exclude: Collection[int] = (),
+        appended_before: float | None = None,
     ) -> list[KeyRow]:
         """Keys ``backend`` has not fully acknowledged, oldest first, parked ones and
-        those in ``exclude`` (key ids) left out."""
+        those in ``exclude`` (key ids) left out; with ``appended_before`` (a
+        ``time.time()``), only keys whose oldest pending entry was appended by then."""
 
         def query() -> list[KeyRow]:
             rows = self._reader.conn.execute(
@@ -709,9 +714,10 @@ class WriteAheadQueue:
                      AND NOT EXISTS (SELECT 1 FROM parked p
                                      WHERE p.backend = c.backend AND p.key_id = c.key_id)
                      AND c.key_id NOT IN (SELECT value FROM json_each(?))
+                     AND (? IS NULL OR {_BATCH_AT_ACKED} <= ?)
                    ORDER BY {_BATCH_AT_ACKED}
                    LIMIT ?""",
-                (backend, json.dumps(list(exclude)), limit),
+                (backend, json.dumps(list(exclude)), appended_before, appended_before, limit),
             ).fetchall()
             return [KeyRow(*r) for r in rows]
 
