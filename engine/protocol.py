@@ -166,9 +166,14 @@ def _fast_encode(entry: Any) -> bytes | None:
     (stored as that value)."""
     try:
         body = orjson.dumps(entry, option=_ORJSON_OPTIONS)
-        return body if orjson.loads(body) == entry else None
+        if orjson.loads(body) != entry:
+            return None
     except (orjson.JSONEncodeError, orjson.JSONDecodeError):  # (an orjson.Fragment's bytes)
         return None
+    # orjson writes into a buffer larger than the result and shrinks it in place: a
+    # body kept while the next ones are made pins the rest of that buffer (8,000
+    # bodies held at once cost ~60 MB more RSS than their size). An exact copy frees it.
+    return bytes(memoryview(body))
 
 
 def decode_entry(body: bytes) -> SessionStoreEntry:
