@@ -9,8 +9,9 @@ A round of the loop:
 3. deliver them on up to ``max_parallel_keys`` slots: a slot reads one batch of
    its key (bounded by entries and bytes), sends it and records the new cursor
    in the queue; then it takes the key whose oldest entry is now the oldest
-   pending that no slot holds (its own again, when that is still it). So no
-   key waits for another's slow call, and the oldest entries always go next.
+   pending that no slot holds (its own again, when that is still it), once
+   that entry is ``batch_linger`` old. So no key waits for another's slow
+   call, and the oldest entries always go next.
    A round ends when no key has work for a free slot, after ``ROUND_SECONDS``
    (deletes and compaction wait for round ends), or, once a key failed, when
    the keys in flight are done.
@@ -579,13 +580,14 @@ class Flusher:
     async def _deliver_keys(
         self, keys: list[KeyRow], skip: set[int], *, refill: bool
     ) -> list[_Outcome]:
-        """Deliver ``keys`` on ``len(keys)`` slots. With ``refill``, a slot whose key
-        went through takes the key with the oldest pending entry that no slot holds
-        and that has not stopped this round (nothing left, a failure, or in ``skip``),
-        if that entry is at least ``batch_linger`` old, until no such key is left or
-        ``ROUND_SECONDS`` have passed; after a
-        retryable failure from the backend no slot takes another key, so an outage
-        costs one failed call per slot, not one per queued key. One outcome per key."""
+        """Deliver ``keys`` on ``len(keys)`` slots; one outcome per key.
+
+        With ``refill``, a slot whose key went through takes the key with the oldest
+        pending entry that no slot holds and that has not stopped this round (nothing
+        left, a failure, or in ``skip``), if that entry is at least ``batch_linger``
+        old, until no such key is left or ``ROUND_SECONDS`` have passed. After a
+        retryable failure from the backend no slot takes another key: an outage
+        costs one failed call per slot, not one per queued key."""
         deadline = time.monotonic() + ROUND_SECONDS
         waiting = deque(keys)
         busy: set[int] = set()

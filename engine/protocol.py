@@ -168,7 +168,7 @@ def _fast_encode(entry: Any) -> bytes | None:
         body = orjson.dumps(entry, option=_ORJSON_OPTIONS)
         if orjson.loads(body) != entry:
             return None
-    except (orjson.JSONEncodeError, orjson.JSONDecodeError):  # (an orjson.Fragment's bytes)
+    except Exception:  # what orjson refuses, a Fragment's bad bytes, an __eq__ that raises
         return None
     # orjson writes into a buffer larger than the result and shrinks it in place: a
     # body kept while the next ones are made pins the rest of that buffer (8,000

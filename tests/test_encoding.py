@@ -213,8 +213,9 @@ json_values = st.recursive(
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text()
     | st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0xFFFF)),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
     max_leaves=10,
 )
 
@@ -247,10 +248,24 @@ def test_the_edges_of_json_parse_as_json_parses_them(body: bytes) -> None:
     assert typed(got) == typed([json.loads(body)] * 2)
 
 
-@pytest.mark.parametrize(
-    "body", [b'{"a":1},{"b":2}', b'{"a":', b"\xff", b'{"a":NaN}x'], ids=str
-)
+@pytest.mark.parametrize("body", [b'{"a":1},{"b":2}', b'{"a":', b"\xff", b'{"a":NaN}x'], ids=str)
 def test_a_batch_with_a_damaged_entry_is_refused(body: bytes) -> None:
     batch = Batch(producer="p", first_seq=5, encoded=[b'{"ok":1}', body])
     with pytest.raises(InvalidEntryError, match="seq 6"):
         batch.entries  # noqa: B018
+
+
+class Touchy(enum.Enum):
+    """An enum member whose comparison raises: json.dumps refuses enums, so must append."""
+
+    A = "a"
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no comparing")
+
+    __hash__ = enum.Enum.__hash__
+
+
+def test_a_value_whose_comparison_raises_is_refused_clearly() -> None:
+    with pytest.raises(InvalidEntryError, match="not JSON-serialisable"):
+        check_encodable(0, {"type": "x", "v": Touchy.A})
