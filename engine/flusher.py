@@ -13,7 +13,8 @@ A round of the loop:
    that entry is ``batch_linger`` old. So no key waits for another's slow
    call, and the oldest entries always go next.
    A round ends when no key has work for a free slot, after ``ROUND_SECONDS``
-   (deletes and compaction wait for round ends), or, once a key failed, when
+   (deletes and compaction wait for round ends; while a call that started
+   before then is still out, free slots go on), or, once a key failed, when
    the keys in flight are done.
 
 Backends that speak the delivery protocol (``walmirror.protocol``) get
@@ -585,15 +586,25 @@ class Flusher:
         With ``refill``, a slot whose key went through takes the key with the oldest
         pending entry that no slot holds and that has not stopped this round (nothing
         left, a failure, or in ``skip``), if that entry is at least ``batch_linger``
-        old, until no such key is left or ``ROUND_SECONDS`` have passed. After a
-        retryable failure from the backend no slot takes another key: an outage
-        costs one failed call per slot, not one per queued key."""
-        deadline = time.monotonic() + ROUND_SECONDS
+        old, until no such key is left or ``ROUND_SECONDS`` have passed (and no call
+        that started before then is still out). After a retryable failure from the
+        backend no slot takes another key: an outage costs one failed call per slot,
+        not one per queued key."""
+        start = time.monotonic()
+        deadline = start + ROUND_SECONDS
         waiting = deque(keys)
-        busy: set[int] = set()
+        busy: dict[int, float] = {}  # key id -> when its call started (the first: start)
         stopped = set(skip)  # keys that take no more turns this round
         outcomes: dict[int, _Outcome] = {}
         refilling = asyncio.Lock()
+
+        def may_refill() -> bool:
+            if not refill or self._stopping:
+                return False
+            # Past the deadline the round ends once the calls in flight return; while
+            # one that started before it is still out (a slow or hung call), free
+            # slots go on: the round cannot end sooner anyway.
+            return time.monotonic() < deadline or any(t <= deadline for t in busy.values())
 
         async def next_key() -> KeyRow | None:
             while True:
@@ -601,7 +612,7 @@ class Flusher:
                     key = waiting.popleft()
                     if key.key_id not in busy and key.key_id not in stopped:
                         return key
-                if not refill or self._stopping or time.monotonic() >= deadline:
+                if not may_refill():
                     return None
                 async with refilling:
                     if not waiting:
@@ -611,21 +622,27 @@ class Flusher:
                         more = await self.queue.pending_keys(
                             self.name,
                             len(keys),
-                            exclude=busy | stopped,
+                            exclude=busy.keys() | stopped,
                             appended_before=time.time() - self.tuning.batch_linger,
                         )
-                        if not more:
-                            return None
+                        if not more and not busy:
+                            return None  # the round ends, and the next one lingers
                         waiting.extend(more)
+                if not waiting:
+                    # Nothing old enough yet, but the round cannot end before the calls
+                    # in flight return (one may hang): what comes meanwhile goes too.
+                    await asyncio.sleep(max(self.tuning.batch_linger, 0.005))
 
         async def slot() -> None:
             nonlocal refill
+            first = True  # each slot's first key is one the round was given
             while (key := await next_key()) is not None:
-                busy.add(key.key_id)
+                busy[key.key_id] = start if first else time.monotonic()
+                first = False
                 try:
                     outcome = await self._deliver(key)
                 finally:
-                    busy.discard(key.key_id)
+                    del busy[key.key_id]
                 if not (outcome.done and outcome.delivered):  # this turn, not the round's
                     stopped.add(key.key_id)
                     if outcome.error is not None and not outcome.internal:
