@@ -196,6 +196,7 @@ class LandingWatch:
 
     armed_at: float | None = None
     first_at: float | None = None
+    first_call_at: float | None = None  # when the first write after ``arm`` was called
     writes: int = 0
     landed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -207,6 +208,8 @@ class LandingWatch:
 
     def _wrap(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.armed_at is not None and self.first_call_at is None:
+                self.first_call_at = time.perf_counter()
             result = await original(*args, **kwargs)
             self.writes += 1
             if self.armed_at is not None and self.first_at is None:
@@ -218,7 +221,7 @@ class LandingWatch:
 
     def arm(self) -> float:
         """Forget earlier writes; the next one to land is timed from now."""
-        self.first_at = None
+        self.first_at = self.first_call_at = None
         self.landed.clear()
         self.armed_at = time.perf_counter()
         return self.armed_at

@@ -50,6 +50,7 @@ from typing import Any, cast
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
 from walmirror import DurableSessionStore
+from walmirror.bench.append import LandingWatch
 from walmirror.faults import FaultyStore
 
 REDIS_URL = os.environ.get("WALMIRROR_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -353,21 +354,13 @@ async def walmirror_drain(
 
         await asyncio.gather(*(fill(k, e) for k, e in work))
         total = sum(len(e) for _, e in work)
-        first_call: list[float] = []
-        deliver = backend.append_batch
-
-        async def timed_deliver(*args: Any, **kwargs: Any) -> Any:
-            if not first_call:
-                first_call.append(time.perf_counter())
-            return await deliver(*args, **kwargs)
-
-        # The instance attribute shadows the method: the FaultyStore calls through it.
-        backend.append_batch = timed_deliver
-        healed = time.perf_counter()
+        watch = LandingWatch()
+        watch.watch(backend)
+        healed = watch.arm()
         faulty.up()
         await store.flush(timeout=600.0)
         ended = time.perf_counter()
-        started = first_call[0] if first_call else healed
+        started = watch.first_call_at or healed
         elapsed = ended - started
         delivered = sum(f.delivered_total for f in store.flushers)
         calls = faulty.calls.get("append_batch", 0) + faulty.calls.get("append", 0)

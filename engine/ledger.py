@@ -84,7 +84,7 @@ class UuidLedger:
         recent, merged = hashes.recent, hashes.merged
         size = len(merged)
         new: list[Row] = []
-        claimed: dict[str, int] = {}  # this call's uuids, with their hashes
+        claimed: set[str] = set()  # this call's uuids
         added: list[int] = []  # hashes not held before
         exact: set[str] | None = None  # the key's persisted uuids, read on a hash hit
         for row in rows:
@@ -102,7 +102,7 @@ class UuidLedger:
                 else:
                     added.append(h)
                     recent.add(h)
-                claimed[uuid] = h
+                claimed.add(uuid)
             new.append(row)
         if claimed:
             self._unsaved.setdefault(key_id, set()).update(claimed)
