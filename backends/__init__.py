@@ -15,14 +15,17 @@ Each remote backend's module is imported only when its scheme is asked for, so
 its client library is needed only then (``pip install 'walmirror[redis]'`` ...).
 
 ``fold_summary`` is the SDK's ``fold_session_summary`` with the same result, run
-only on the entries that can change a summary: the remote backends fold every
-batch they store with it.
+only on the entries that can change a summary; ``fold_batch`` folds a protocol
+batch with it, parsing only the entries its hints say can matter: the remote
+backends fold every batch they store with these.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from functools import reduce
+from operator import or_
 from types import CodeType
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -30,7 +33,18 @@ from urllib.parse import unquote, urlsplit
 from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry, SessionSummaryEntry
 
-__all__ = ["SUPPORTED_SCHEMES", "fold_summary", "from_url"]
+from walmirror.protocol import (
+    HINT_CWD,
+    HINT_FIELD,
+    HINT_PARSE,
+    HINT_TAG,
+    HINT_TIMESTAMP,
+    HINT_USER,
+    SUMMARY_FIELDS,
+    Batch,
+)
+
+__all__ = ["SUPPORTED_SCHEMES", "fold_batch", "fold_summary", "from_url"]
 
 SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "redis", "rediss", "postgresql", "s3")
 
@@ -168,6 +182,9 @@ def _sdk_fold_is_known() -> bool:
 
 
 _FAST_FOLD = _sdk_fold_is_known()
+# The hints name the same last-wins fields (in any order), with their summary keys.
+_HINTED_FIELDS = [(HINT_FIELD[src], dst) for src, dst in _LAST_WINS.items()]
+_HINTS_KNOWN = _FAST_FOLD and set(SUMMARY_FIELDS) == set(_LAST_WINS)
 
 
 def fold_summary(
@@ -245,3 +262,40 @@ def fold_summary(
         data = current["data"]
     data.update(late)
     return current
+
+
+def fold_batch(
+    prev: SessionSummaryEntry | None, key: SessionKey, batch: Batch, skip: int = 0
+) -> SessionSummaryEntry:
+    """``fold_summary(prev, key, batch.entries[skip:])``, parsing only the entries
+    that can change the summary when the batch carries hints (``Batch.hints``).
+
+    Once ``prev`` has ``is_sidechain`` (its first entry was folded), an entry matters
+    only if a hint bit of it is still open: ``HINT_PARSE``, a tag, a user entry while the first
+    prompt is open, a timestamp before ``created_at``, a cwd before ``cwd``. Of the
+    entries holding a last-wins field, the last one gives its value and, when the
+    summary lacks the field, the first one its place among the keys; the others are
+    overwritten. Only these are parsed and folded, in order. ``ValueError`` (from
+    ``Batch.entries``) for bytes that are not JSON; the SDK's fold raises on an
+    entry that is not an object, as it does for ``fold_summary``.
+    """
+    hints = batch.hints
+    data = None if prev is None else prev["data"]
+    if not _HINTS_KNOWN or hints is None or data is None or "is_sidechain" not in data:
+        return fold_summary(prev, key, batch.entries[skip:])
+    want = HINT_TAG | HINT_PARSE
+    if not data.get("first_prompt_locked"):
+        want |= HINT_USER
+    if "created_at" not in data:
+        want |= HINT_TIMESTAMP
+    if "cwd" not in data:
+        want |= HINT_CWD
+    count = len(batch.encoded)
+    present = reduce(or_, hints[skip:], 0)
+    picked = {i for i in range(skip, count) if hints[i] & want} if present & want else set()
+    for bit, dst in _HINTED_FIELDS:
+        if present & bit:
+            picked.add(next(i for i in range(count - 1, skip - 1, -1) if hints[i] & bit))
+            if dst not in data:
+                picked.add(next(i for i in range(skip, count) if hints[i] & bit))
+    return fold_summary(prev, key, batch.entries_at(sorted(picked)))

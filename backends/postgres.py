@@ -172,7 +172,7 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
-from walmirror.backends import fold_summary
+from walmirror.backends import fold_batch, fold_summary
 from walmirror.errors import (
     InvalidEntryError,
     InvalidKeyError,
@@ -841,14 +841,17 @@ $fn$;
         data: dict[str, Any] | None = None
         summary_text: str | None = None
         if skip < len(texts):
+            backlog = await self._backlog(conn, key, head)
             try:
-                entries = batch.entries if batch is not None else plain or []
+                if batch is None:
+                    data = fold_summary(head.summary, key, backlog + (plain or [])[skip:])["data"]
+                else:
+                    prev = fold_summary(head.summary, key, backlog) if backlog else head.summary
+                    data = fold_batch(prev, key, batch, skip)["data"]
             except ValueError:  # bytes that are not JSON; the message would quote them
                 raise InvalidEntryError(
                     f"{describe_key(key)}: an encoded entry is not JSON"
                 ) from None
-            backlog = await self._backlog(conn, key, head)
-            data = fold_summary(head.summary, key, backlog + entries[skip:])["data"]
             summary_text = encode_entry(data).decode()
         args = (*self._call(key, texts, batch), head.length, head.folded, skip, summary_text)
         row = await self._fetchrow(key, self._sql_append, *args, conn=conn)

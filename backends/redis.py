@@ -103,10 +103,11 @@ run it with ``maxmemory-policy noeviction`` and with AOF (``appendonly yes``,
 Round trips: ``append_batch`` is one MULTI/EXEC (or one EVALSHA, and for a
 batch that turned out to repeat entries both) and ``append`` one EVALSHA, plus
 the catch-up transaction in the cases above; ``append_batch`` ``RPUSH``es the
-batch's encoded bytes as they are and parses them only to fold a summary (and
-so refuses bytes that are not JSON on a main key). The fold
-(``walmirror.backends.fold_summary``) runs the SDK's fold on the few entries that
-can change a summary, with the same result.
+batch's encoded bytes as they are and parses them only to fold a summary. The
+fold (``walmirror.backends.fold_batch``) parses only the entries the batch's
+hints say can change the summary (all of them when the batch has no hints, or
+the summary is not settled yet: then bytes that are not JSON are refused on a
+main key) and runs the SDK's fold on those, with the same result.
 ``load`` reads ``LRANGE`` chunks of 2000; listings pipeline their per-session reads.
 
 Client: ``redis.asyncio.Redis`` with ``decode_responses=False``. ``from_url``
@@ -144,7 +145,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError, WatchError
 
-from walmirror.backends import fold_summary
+from walmirror.backends import fold_batch, fold_summary
 from walmirror.errors import (
     CorruptTranscriptError,
     InvalidEntryError,
@@ -585,8 +586,8 @@ class RedisStore(SessionStore):
     async def append_batch(self, key: SessionKey, batch: Batch) -> Receipt:
         """The protocol's atomic step, one EVALSHA; see ``walmirror.protocol``.
 
-        Stores ``batch.encoded`` as it is; parses it only to fold the summary
-        (main keys). Raises ``MarkBehindError`` (nothing written) when the
+        Stores ``batch.encoded`` as it is; parses what the summary fold needs of
+        it (main keys; ``fold_batch``). Raises ``MarkBehindError`` (nothing written) when the
         producer's mark is missing or below ``batch.expect``.
         """
         k, names = self._check_key(key)
@@ -783,16 +784,9 @@ class RedisStore(SessionStore):
     ) -> _Prefold | None:
         """The entries this call will append (the batch's past the guessed ``skip``),
         folded into the summary this store last wrote (the script checks both)."""
-        if batch is not None:
-            if skip == len(batch):
-                return None  # a repeat: nothing to fold
-            try:
-                entries = batch.entries[skip:]
-            except ValueError:
-                raise InvalidEntryError(
-                    f"{describe_key(key)}: an encoded entry of the batch is not JSON"
-                ) from None
-        if not entries:
+        if batch is not None and skip == len(batch):
+            return None  # a repeat: nothing to fold
+        if batch is None and not entries:
             return None
         cached = self._summaries.get((key["project_key"], key["session_id"]))
         prev: SessionSummaryEntry | None = None
@@ -801,7 +795,14 @@ class RedisStore(SessionStore):
             prev = {"session_id": key["session_id"], "mtime": 0, "data": cached.data}
             version = cached.version
         try:
-            data = fold_summary(prev, key, entries)["data"]
+            if batch is not None:
+                data = fold_batch(prev, key, batch, skip)["data"]
+            else:
+                data = fold_summary(prev, key, entries or [])["data"]
+        except ValueError:
+            raise InvalidEntryError(
+                f"{describe_key(key)}: an encoded entry of the batch is not JSON"
+            ) from None
         except (TypeError, AttributeError):
             raise InvalidEntryError(
                 f"{describe_key(key)}: an encoded entry of the batch is not a JSON object"

@@ -182,7 +182,7 @@ from claude_agent_sdk.types import (
     SessionSummaryEntry,
 )
 
-from walmirror.backends import fold_summary
+from walmirror.backends import fold_batch, fold_summary
 from walmirror.errors import (
     CorruptTranscriptError,
     InvalidEntryError,
@@ -995,11 +995,7 @@ class S3Store(SessionStore):
                 marks[batch.producer] = batch.last_seq
             end = start + len(new_lines)
             state.tail = _Tail(end, tail.base, marks, part, time.monotonic())
-            if names.main:
-                new_entries = batch.entries[skip:] if batch is not None else (entries or [])
-            else:
-                new_entries = []
-            self._after_append(names, state, start, tail.base, new_entries)
+            self._after_append(names, state, start, tail.base, len(new_lines), batch, skip, entries)
             return Receipt(len(new_lines), batch.last_seq if batch else -1, end - tail.base)
         raise S3ConcurrencyError(f"{desc}: the key kept changing under this append; retry")
 
@@ -1195,9 +1191,13 @@ class S3Store(SessionStore):
         state: _KeyState,
         start: int,
         base: int,
-        new_entries: list[SessionStoreEntry],
+        added: int,
+        batch: Batch | None,
+        skip: int,
+        entries: list[SessionStoreEntry] | None,
     ) -> None:
-        """Fold the new entries into the pending summary; schedule sidecar and compaction."""
+        """Fold the ``added`` new entries (``batch``'s past ``skip``, or the plain
+        ``entries``) into the pending summary; schedule sidecar and compaction."""
         if self._compact_every is not None:
             state.appends += 1
             if state.appends >= self._compact_every:
@@ -1212,8 +1212,11 @@ class S3Store(SessionStore):
             # and the write then catches up from S3.
             pending = state.summary = _Summary(None, base, None, False, base)
         if pending is not None and pending.folded == start and pending.base == base:
-            pending.summary = fold_summary(pending.summary, names.key, new_entries)
-            pending.folded += len(new_entries)
+            if batch is not None:
+                pending.summary = fold_batch(pending.summary, names.key, batch, skip)
+            else:
+                pending.summary = fold_summary(pending.summary, names.key, entries or [])
+            pending.folded += added
             pending.dirty = True
         else:
             state.summary = None  # unknown or out of step: the sidecar write catches up

@@ -567,7 +567,7 @@ class Flusher:
         for ident, (session_key, batch) in list(self._in_doubt.items()):
             same = ident[:2] == (deleted["project_key"], deleted["session_id"])
             if same and deleted.get("subpath") in (None, ident[2]):
-                fence = Batch(batch.producer, batch.first_seq, batch.encoded, None)
+                fence = Batch(batch.producer, batch.first_seq, batch.encoded, None, batch.hints)
                 try:
                     await self._call("append_batch", backend.append_batch(session_key, fence))
                 except _BackendFailed as failed:
@@ -731,7 +731,7 @@ class Flusher:
             held = await self._held_uuids(key, session_key, cursor, bodies)
             if held:
                 return await self._send_unheld(key, session_key, cursor, bodies, held)
-            await self._send_batch(key, session_key, cursor, bodies)
+            await self._send_batch(key, session_key, cursor, bodies, batch.hints)
         else:
             await self._send_foreign(key, session_key, cursor, bodies)
         telemetry.bytes_delivered.add(nbytes, {"backend": self.name})
@@ -760,10 +760,15 @@ class Flusher:
             )
 
     async def _send_batch(
-        self, key: KeyRow, session_key: SessionKey, cursor: Cursor, bodies: list[bytes]
+        self,
+        key: KeyRow,
+        session_key: SessionKey,
+        cursor: Cursor,
+        bodies: list[bytes],
+        hints: list[int] | None = None,
     ) -> None:
         """One protocol delivery, then the cursor moves past it."""
-        batch = Batch(self.queue.producer_id, cursor.acked, bodies, cursor.confirmed)
+        batch = Batch(self.queue.producer_id, cursor.acked, bodies, cursor.confirmed, hints)
         backend: Any = self.backend
         ident = (key.project_key, key.session_id, key.subpath)
         self._in_doubt[ident] = (session_key, batch)

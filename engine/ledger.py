@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from itertools import chain
 
-Row = tuple[str | None, bytes]  # (uuid, encoded entry)
+Row = tuple[str | None, bytes, int]  # (uuid, encoded entry, summary hint)
 
 MAX_HASHES = 4_000_000
 """Hashes held in memory at most (~32 MB): past it, the least recently used keys go."""

@@ -103,10 +103,12 @@ __all__ = [
     "check_encodable",
     "decode_array",
     "decode_entry",
+    "encode_checked",
     "encode_entry",
     "implements",
     "is_producer_store",
     "skip_count",
+    "summary_hint",
     "too_deep",
 ]
 
@@ -230,6 +232,64 @@ def too_deep(entry: Any, body: bytes) -> bool:
     return False
 
 
+# -- summary hints ----------------------------------------------------------------
+#
+# A main key's backend folds each appended entry into the session's summary
+# (``walmirror.backends.fold_summary``), and once a session's summary has settled
+# almost no entry can change it. Parsing a 500-entry batch only to learn that costs
+# more than the rest of its delivery. So ``append`` notes, per entry, the few
+# features the fold reads (a bit each, from the dict it has in hand), the queue
+# stores these hints beside the batch's bytes (under the batch's checksum), and the
+# backend parses only the entries whose hints say they can matter.
+
+SUMMARY_FIELDS = ("customTitle", "aiTitle", "lastPrompt", "summary", "gitBranch")
+"""The last-wins fields of the SDK's summary fold (as of claude-agent-sdk 0.2.x)."""
+
+HINT_TAG = 1  # "type" is "tag": sets or clears the summary's tag
+HINT_USER = 2  # "type" is "user": may set the first prompt
+HINT_TIMESTAMP = 4  # has "timestamp": may set created_at
+HINT_CWD = 8  # a non-empty "cwd": may set cwd
+HINT_FIELD = {name: 16 << i for i, name in enumerate(SUMMARY_FIELDS)}
+"""The bit of each last-wins field, set when the entry holds it as a string."""
+
+
+HINT_PARSE = 16 << len(SUMMARY_FIELDS)
+"""An entry to parse whatever the summary holds (its other bits are not set)."""
+
+_PLAIN = frozenset({str, int, float, bool, type(None), list, dict})
+
+
+def summary_hint(entry: dict[str, Any]) -> int:
+    """The hint bits of one entry (see above): what the summary fold would read of it.
+
+    Read from the dict before it is encoded, so only for an entry whose JSON reads
+    back equal to it (``encode_checked``'s fast path: plain string keys, no
+    duplicates). A value the fold reads that is not of a plain JSON type (a str
+    subclass, an enum member) may compare unlike its JSON text: such an entry gets
+    ``HINT_PARSE``.
+    """
+    kind = entry.get("type")
+    cwd = entry.get("cwd")
+    if type(kind) not in _PLAIN or type(cwd) not in _PLAIN:
+        return HINT_PARSE
+    hint = HINT_USER if kind == "user" else HINT_TAG if kind == "tag" else 0
+    if "timestamp" in entry:
+        hint |= HINT_TIMESTAMP
+    if cwd:
+        hint |= HINT_CWD
+    if not _SUMMARY_FIELD_SET.isdisjoint(entry):
+        for name, bit in HINT_FIELD.items():
+            value = entry.get(name)
+            if type(value) is str:
+                hint |= bit
+            elif isinstance(value, str):
+                return HINT_PARSE
+    return hint
+
+
+_SUMMARY_FIELD_SET = frozenset(SUMMARY_FIELDS)
+
+
 def uuids_of(entries: Iterable[Any]) -> set[str]:
     """The uuids ``entries`` carry. JSON lets ``uuid`` be anything: only a non-empty
     string counts as one (the ledger and every uuid check agree on that)."""
@@ -245,13 +305,19 @@ def held_uuid(entry: Any, held: set[str]) -> bool:
 def check_encodable(index: int, entry: Any) -> bytes:
     """``encode_entry`` for a batch's ``index``-th entry, or ``InvalidEntryError``
     with a message that names the problem and never quotes the entry."""
+    return encode_checked(index, entry)[0]
+
+
+def encode_checked(index: int, entry: Any) -> tuple[bytes, bool]:
+    """``check_encodable``, and whether the entry took the fast path: its JSON then
+    reads back equal to it (``summary_hint`` may read the dict for the JSON)."""
     if not isinstance(entry, dict):
         raise InvalidEntryError(
             f"entry {index} of the batch must be a JSON object (dict), got {type(entry).__name__}"
         )
     body = _fast_encode(entry)
     if body is not None:  # at most 254 levels deep: no depth to check
-        return body
+        return body, True
     try:
         body = _stdlib_encode(entry)
     except RecursionError:
@@ -266,7 +332,7 @@ def check_encodable(index: int, entry: Any) -> bytes:
             f"entry {index} of the batch nests objects and arrays deeper than "
             f"{MAX_ENTRY_DEPTH} levels (walmirror.protocol.MAX_ENTRY_DEPTH)"
         )
-    return body
+    return body, False
 
 
 # -- the atomic step ----------------------------------------------------------------
@@ -280,12 +346,16 @@ class Batch:
     store these bytes. ``entries`` parses them on first use (for summaries).
     ``expect``: the producer's last seq this backend acknowledged for the key,
     or ``None`` when the producer does not know of any (see the module docstring).
+    ``hints``: each entry's ``summary_hint``, when the producer knows them (the
+    queue does for a main key's entries): the summary fold then parses only the
+    entries that can change the summary (``walmirror.backends.fold_batch``).
     """
 
     producer: str
     first_seq: int
     encoded: Sequence[bytes]
     expect: int | None = None
+    hints: Sequence[int] | None = field(default=None, repr=False, compare=False)
     _entries: list[SessionStoreEntry] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -308,6 +378,21 @@ class Batch:
         assert self._entries is not None
         return self._entries
 
+    def entries_at(self, indices: Sequence[int]) -> list[SessionStoreEntry]:
+        """The entries at ``indices`` (ascending), parsing only those."""
+        if self._entries is not None or len(indices) == len(self.encoded):
+            entries = self.entries
+            return [entries[i] for i in indices]
+        if not indices:
+            return []
+        try:
+            parsed = decode_array(b"[" + b",".join(self.encoded[i] for i in indices) + b"]")
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, list) and len(parsed) == len(indices):
+            return parsed
+        return [self._decode(i) for i in indices]
+
     def _decode(self, index: int) -> SessionStoreEntry:
         try:
             return decode_entry(self.encoded[index])
@@ -327,7 +412,7 @@ class Batch:
     ) -> Batch:
         """A batch from entries (encoding them); tests and foreign callers use this."""
         encoded = [check_encodable(index, entry) for index, entry in enumerate(entries)]
-        return cls(producer, first_seq, encoded, expect, list(entries))
+        return cls(producer, first_seq, encoded, expect, None, list(entries))
 
 
 @dataclass(frozen=True)
@@ -357,6 +442,11 @@ def check_batch(key_desc: str, batch: object) -> Batch:
         raise ValueError(f"{key_desc}: the batch's seqs pass 2**63-1")
     if not all(isinstance(b, bytes) for b in batch.encoded):
         raise ValueError(f"{key_desc}: encoded must hold one bytes object per entry")
+    hints = batch.hints
+    if hints is not None and (
+        len(hints) != len(batch.encoded) or not all(type(h) is int for h in hints)
+    ):
+        raise ValueError(f"{key_desc}: hints must hold one int per entry (or be None)")
     return batch
 
 

@@ -1,14 +1,16 @@
 """The write-ahead queue: a SQLite file where every entry is durable before ``append`` returns.
 
-Layout (schema version 4)::
+Layout (schema version 5)::
 
     meta       name -> value: schema_version, producer_id, seq_floor
     keys       key_id, project_key, session_id, subpath ('' = main),
                first_seq, next_seq, updated_at; a key_id is never reused (whatever
                still holds the id of a key deleted or forgotten finds nothing)
-    batches    id, key_id, first_seq, count, appended_at, nbytes, body
+    batches    id, key_id, first_seq, count, appended_at, nbytes, body, crc, hints
                UNIQUE(key_id, first_seq); one row per append: seqs first_seq ..
-               first_seq + count - 1, body their encoded JSON joined by b"\n"
+               first_seq + count - 1, body their encoded JSON joined by b"\n",
+               hints their summary hints (a main key's; NULL for a subkey's), crc
+               the crc32 of body and then hints (NULL in batches of schema 4)
     ledger     id, key_id, uuids     the idempotency ledger: the uuids of one append
                (a JSON array); lives as long as its key (``walmirror.ledger``)
     cursors    (backend, key_id) -> acked, confirmed, solo_length, legacy_base
@@ -39,7 +41,10 @@ SDK's retries) is still recognised.
 
 Compact JSON (``encode_entry``) never holds a raw newline byte, so a batch's
 body splits back into its entries at b"\n"; a body that does not split into
-``count`` entries is damage, reported as ``CorruptQueueError``.
+``count`` entries, or whose checksum does not match, is damage, reported as
+``CorruptQueueError``. The checksum is what lets a backend store a batch's bytes
+and parse only the entries its hints name (``walmirror.backends.fold_batch``):
+damage no longer needs a parse to show.
 
 Concurrency: the queue owns two SQLite connections (``walmirror.connection``),
 each on its own thread: the writer (every transaction) and the reader (WAL
@@ -58,7 +63,10 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import time
+import zlib
+from array import array
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -69,7 +77,7 @@ from claude_agent_sdk.types import SessionKey
 
 from .connection import WAL_PAGES, Connection, Synchronous, settle
 from .errors import CorruptQueueError, QueueClosedError, QueueFullError, QueuePathError
-from .ledger import UuidLedger
+from .ledger import Row, UuidLedger
 from .schema import SCHEMA_VERSION, QueueFile
 
 logger = logging.getLogger("walmirror.queue")
@@ -165,6 +173,7 @@ class NextBatch:
     fenced: bool  # a delete of the key waits for this backend: it goes first
     first: int  # the seq of bodies[0]; above cursor.acked only if those were compacted
     bodies: list[bytes]
+    hints: list[int] | None = None  # the bodies' summary hints, when every one has its
 
 
 @dataclass
@@ -187,26 +196,61 @@ _BATCH_AT_ACKED = """(SELECT b.appended_at FROM batches b
 
 # Batches of key ?1 holding seqs from ?2 on, oldest first (one index seek to the
 # batch holding ?2, or the first after it).
-_BATCHES_FROM = """SELECT first_seq, count, body FROM batches WHERE key_id = ?1
+_BATCHES_FROM = """SELECT first_seq, count, body, crc, hints FROM batches WHERE key_id = ?1
     AND first_seq >= COALESCE(
         (SELECT MAX(first_seq) FROM batches WHERE key_id = ?1 AND first_seq <= ?2), ?2)
     ORDER BY first_seq"""
 
 
+def batch_crc(body: bytes, hints: bytes | None) -> int:
+    """A batch row's checksum: crc32 of its body, then of its hints."""
+    crc = zlib.crc32(body)
+    return crc if hints is None else zlib.crc32(hints, crc)
+
+
+def pack_hints(hints: Iterable[int]) -> bytes:
+    packed = array("H", hints)
+    if sys.byteorder == "big":
+        packed.byteswap()  # stored little-endian: a queue file may move between machines
+    return packed.tobytes()
+
+
+def unpack_hints(blob: bytes) -> array[int]:
+    hints = array("H", blob)
+    if sys.byteorder == "big":
+        hints.byteswap()
+    return hints
+
+
 def _entries_from(
     conn: sqlite3.Connection, key_id: int, from_seq: int
-) -> Iterator[tuple[int, bytes]]:
-    """(seq, encoded entry) of ``key_id`` from ``from_seq`` on, in order, read lazily
-    (stop iterating to stop reading); a damaged batch is ``CorruptQueueError``."""
-    for first, count, body in conn.execute(_BATCHES_FROM, (key_id, from_seq)):
+) -> Iterator[tuple[int, bytes, int | None]]:
+    """(seq, encoded entry, summary hint or None) of ``key_id`` from ``from_seq`` on, in
+    order, read lazily (stop iterating to stop reading); a damaged batch is
+    ``CorruptQueueError``."""
+    for first, count, body, crc, blob in conn.execute(_BATCHES_FROM, (key_id, from_seq)):
         pieces = body.split(b"\n") if isinstance(body, bytes) else []
         if len(pieces) != count:
             raise CorruptQueueError(
                 f"the queued batch at seq {first} of this key holds {len(pieces)} entries "
                 f"where {count} were stored (the queue file is damaged)"
             )
+        hints: array[int] | None = None
+        if crc is not None:
+            if not isinstance(blob, bytes | None) or batch_crc(body, blob) != crc:
+                raise CorruptQueueError(
+                    f"the queued batch at seq {first} of this key does not match its "
+                    "checksum (the queue file is damaged)"
+                )
+            if blob is not None:
+                if len(blob) != 2 * count:
+                    raise CorruptQueueError(
+                        f"the queued batch at seq {first} of this key holds {len(blob)} "
+                        f"bytes of hints for {count} entries (the queue file is damaged)"
+                    )
+                hints = unpack_hints(blob)
         for i in range(max(0, from_seq - first), count):
-            yield first + i, pieces[i]
+            yield first + i, pieces[i], None if hints is None else hints[i]
 
 
 # A cursor with its key's first seq: ``Cursor(*row[:5])``.
@@ -291,12 +335,10 @@ BATCH_ROW_BYTES = 4 << 20
 a row is read whole, and SQLite refuses values past its length limit (1 GB)."""
 
 
-def _row_chunks(
-    rows: list[tuple[str | None, bytes]],
-) -> Iterator[list[tuple[str | None, bytes]]]:
+def _row_chunks(rows: list[Row]) -> Iterator[list[Row]]:
     """``rows`` in consecutive chunks of at most ``BATCH_ROW_BYTES`` (at least one row
     each)."""
-    chunk: list[tuple[str | None, bytes]] = []
+    chunk: list[Row] = []
     size = 0
     for row in rows:
         if chunk and size + len(row[1]) > BATCH_ROW_BYTES:
@@ -333,7 +375,7 @@ def split_key(key: SessionKey) -> tuple[str, str, str]:
 @dataclass
 class _AppendRequest:
     key: tuple[str, str, str]
-    rows: list[tuple[str | None, bytes]]  # (uuid, body)
+    rows: list[Row]
     nbytes: int
     future: asyncio.Future[int]
 
@@ -532,7 +574,7 @@ class WriteAheadQueue:
 
     # -- append (group commit) ---------------------------------------------
 
-    async def append(self, key: SessionKey, rows: list[tuple[str | None, bytes]]) -> int:
+    async def append(self, key: SessionKey, rows: list[Row]) -> int:
         """Durably store ``rows`` (uuid, body) for ``key``; return how many were new.
 
         Entries whose uuid the key already holds are skipped (the ledger).
@@ -540,7 +582,7 @@ class WriteAheadQueue:
         """
         if self._closed:
             raise QueueClosedError("the queue is closed")
-        nbytes = sum(len(body) for _, body in rows)
+        nbytes = sum(len(row[1]) for row in rows)
         if self.max_bytes is not None and (
             self.stored_bytes + self._queued_bytes + nbytes > self.max_bytes
         ):
@@ -626,19 +668,25 @@ class WriteAheadQueue:
                 rows = self._ledger.claim(key_id, request.rows)
                 seq = next_seq
                 for chunk in _row_chunks(rows):
-                    nbytes = sum(len(body) for _, body in chunk)
-                    body = b"\n".join(body for _, body in chunk)
-                    batches.append((key_id, seq, len(chunk), now, nbytes, body))
+                    nbytes = sum(len(row[1]) for row in chunk)
+                    body = b"\n".join([row[1] for row in chunk])
+                    hints = None if request.key[2] else pack_hints(row[2] for row in chunk)
+                    crc = batch_crc(body, hints)
+                    batches.append((key_id, seq, len(chunk), now, nbytes, body, crc, hints))
                     seq += len(chunk)
                     added_bytes += nbytes
-                uuids = [uuid for uuid, _ in rows if uuid is not None]
+                uuids = [row[0] for row in rows if row[0] is not None]
                 if uuids:
                     ledger.append((key_id, json.dumps(uuids)))
                 touched[request.key] = [key_id, seq]
                 accepted.append(len(rows))
             # Few statements for the whole group: each is one round trip for the GIL,
             # which an event loop busy with callers can hold for a switch interval.
-            _insert(conn, "batches (key_id, first_seq, count, appended_at, nbytes, body)", batches)
+            _insert(
+                conn,
+                "batches (key_id, first_seq, count, appended_at, nbytes, body, crc, hints)",
+                batches,
+            )
             _insert(conn, "ledger (key_id, uuids)", ledger)
             for part in _parts([(k, n) for k, n in touched.values()]):
                 conn.execute(
@@ -777,26 +825,34 @@ class WriteAheadQueue:
         """Entries of ``key_id`` from ``from_seq`` on, bounded by count and bytes (at
         least one), with the seq of the first. It is above ``from_seq`` only when
         entries were compacted before this reader got them."""
-        return await self._reader.run(
+        first, bodies, _ = await self._reader.run(
             lambda: self._read_batch(key_id, from_seq, max_entries, max_bytes)
         )
+        return first, bodies
 
     def _read_batch(
         self, key_id: int, from_seq: int, max_entries: int, max_bytes: int
-    ) -> tuple[int, list[bytes]]:
+    ) -> tuple[int, list[bytes], list[int] | None]:
+        """``read_batch``, with the entries' summary hints (None unless all have one)."""
         first = from_seq
         bodies: list[bytes] = []
+        hints: list[int] | None = []
         total = 0
-        for seq, body in _entries_from(self._reader.conn, key_id, from_seq):
+        for seq, body, hint in _entries_from(self._reader.conn, key_id, from_seq):
             if not bodies:
                 first = seq
             elif total + len(body) > max_bytes:
                 break
             bodies.append(body)
+            if hints is not None:
+                if hint is None:
+                    hints = None
+                else:
+                    hints.append(hint)
             total += len(body)
             if len(bodies) >= max_entries:
                 break
-        return first, bodies
+        return first, bodies, hints
 
     async def next_batch(
         self, backend: str, key: KeyRow, max_entries: int, max_bytes: int
@@ -820,8 +876,10 @@ class WriteAheadQueue:
                 fenced = self._tombstoned(backend, key.project_key, key.session_id, key.subpath)
                 if fenced:
                     return NextBatch(cursor, True, cursor.acked, [])
-                first, bodies = self._read_batch(key.key_id, cursor.acked, max_entries, max_bytes)
-                return NextBatch(cursor, False, first, bodies)
+                first, bodies, hints = self._read_batch(
+                    key.key_id, cursor.acked, max_entries, max_bytes
+                )
+                return NextBatch(cursor, False, first, bodies, hints)
             finally:
                 conn.execute("COMMIT")
 
@@ -1128,7 +1186,7 @@ class WriteAheadQueue:
 
         def query() -> list[bytes] | None:
             bodies: list[bytes] = []
-            for seq, body in _entries_from(self._reader.conn, key_id, from_seq):
+            for seq, body, _ in _entries_from(self._reader.conn, key_id, from_seq):
                 if seq != from_seq + len(bodies):
                     return None
                 bodies.append(body)
@@ -1138,7 +1196,7 @@ class WriteAheadQueue:
 
     async def read_from(self, key_id: int, from_seq: int) -> list[bytes]:
         def query() -> list[bytes]:
-            return [body for _, body in _entries_from(self._reader.conn, key_id, from_seq)]
+            return [body for _, body, _ in _entries_from(self._reader.conn, key_id, from_seq)]
 
         return await self._reader.run(query)
 

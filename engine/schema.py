@@ -22,7 +22,7 @@ from .errors import CorruptQueueError, QueueLockedError, QueuePathError
 
 logger = logging.getLogger("walmirror.queue")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each step moves the schema from version i to i + 1; run in one transaction.
 MIGRATIONS: list[list[str]] = [
@@ -126,6 +126,14 @@ MIGRATIONS: list[list[str]] = [
         """INSERT INTO ledger (key_id, uuids)
            SELECT key_id, json_group_array(uuid) FROM uuids GROUP BY key_id""",
         """DROP TABLE uuids""",
+    ],
+    # 4 -> 5: a batch's checksum (crc32 of its body, then of its hints) and its
+    # entries' summary hints (``walmirror.protocol.summary_hint``, two bytes each,
+    # little-endian; NULL for a subkey's batch). Batches written before have neither:
+    # they are checked by parsing them, as before.
+    [
+        """ALTER TABLE batches ADD COLUMN crc INTEGER""",
+        """ALTER TABLE batches ADD COLUMN hints BLOB""",
     ],
 ]
 

@@ -43,6 +43,7 @@ from .errors import (
 )
 from .flusher import Flusher, SessionLocks, describe_error
 from .keys import describe_key, validate_key, validate_project_key
+from .ledger import Row
 from .loop_thread import (
     LoopThread,
     call_from_asyncio,
@@ -51,11 +52,13 @@ from .loop_thread import (
     unsupported,
 )
 from .protocol import (
-    check_encodable,
+    HINT_PARSE,
     decode_entry,
+    encode_checked,
     held_uuid,
     implements,
     is_producer_store,
+    summary_hint,
     uuids_of,
 )
 from .queue import WriteAheadQueue
@@ -80,14 +83,15 @@ def default_cursor_name(index: int, backend: SessionStore) -> str:
     return name if isinstance(name, str) and name else f"{index}:{type(backend).__name__}"
 
 
-def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | None, bytes]]:
-    """Validate and encode a batch: (uuid, JSON bytes) per entry, or raise before storing any."""
+def serialize_entries(entries: Any, max_entry_bytes: int, hinted: bool = True) -> list[Row]:
+    """Validate and encode a batch: (uuid, JSON bytes, summary hint) per entry, or raise
+    before storing any. ``hinted``: compute the hints (a main key's; a subkey's are 0)."""
     if not isinstance(entries, list | tuple):
         raise InvalidEntryError(f"entries must be a list, got {type(entries).__name__}")
-    rows: list[tuple[str | None, bytes]] = []
+    rows: list[Row] = []
     for index, entry in enumerate(entries):
         try:
-            body = check_encodable(index, entry)
+            body, plain = encode_checked(index, entry)
         except InvalidEntryError as exc:
             raise InvalidEntryError(f"{exc}; nothing of the batch was stored") from None
         if len(body) > max_entry_bytes:
@@ -98,7 +102,8 @@ def serialize_entries(entries: Any, max_entry_bytes: int) -> list[tuple[str | No
         uuid = entry.get("uuid")
         if isinstance(uuid, str) and type(uuid) is not str:
             uuid = str.__str__(uuid)  # a str subclass: its text, as JSON holds it
-        rows.append((uuid if isinstance(uuid, str) and uuid else None, body))
+        hint = 0 if not hinted else summary_hint(entry) if plain else HINT_PARSE
+        rows.append((uuid if isinstance(uuid, str) and uuid else None, body, hint))
     return rows
 
 
@@ -393,7 +398,7 @@ class DurableSessionStore(SessionStore):
         a backend; may wait (``full_policy="wait"``) when the queue is at its cap.
         """
         key = validate_key(key)
-        rows = serialize_entries(entries, self.tuning.max_entry_bytes)
+        rows = serialize_entries(entries, self.tuning.max_entry_bytes, not key.get("subpath"))
         if not rows:
             return
         await self._ensure_started()
@@ -406,7 +411,7 @@ class DurableSessionStore(SessionStore):
                         {
                             telemetry.KEY_DIGEST: telemetry.key_digest(key),
                             telemetry.ENTRIES: len(rows),
-                            telemetry.BYTES: sum(len(body) for _, body in rows),
+                            telemetry.BYTES: sum(len(row[1]) for row in rows),
                         }
                     )
                 try:
@@ -425,11 +430,11 @@ class DurableSessionStore(SessionStore):
         telemetry.append_duration.record(time.perf_counter() - started)
         telemetry.entries_appended.add(accepted)
 
-    async def _append_with_room(self, key: SessionKey, rows: list[tuple[str | None, bytes]]) -> int:
+    async def _append_with_room(self, key: SessionKey, rows: list[Row]) -> int:
         """Commit ``rows``. When the queue is at its cap or its disk is full: make room
         (acknowledged entries go now, retention or not) and, under
         ``full_policy="wait"``, wait up to ``full_timeout`` for the backends to take some."""
-        nbytes = sum(len(body) for _, body in rows)
+        nbytes = sum(len(row[1]) for row in rows)
         deadline = time.monotonic() + self.tuning.full_timeout
         while True:
             if self.queue.would_overflow(nbytes):

@@ -447,8 +447,8 @@ def test_backend_line_parsers_keep_big_ints_and_digit_strings() -> None:
 # -- the ledger --------------------------------------------------------------------------
 
 
-def _rows(*uuids: str | None) -> list[tuple[str | None, bytes]]:
-    return [(u, json.dumps({"uuid": u}).encode()) for u in uuids]
+def _rows(*uuids: str | None) -> list[tuple[str | None, bytes, int]]:
+    return [(u, json.dumps({"uuid": u}).encode(), 0) for u in uuids]
 
 
 def test_a_uuid_claimed_earlier_in_the_transaction_is_skipped_after_its_key_was_trimmed() -> None:
@@ -461,9 +461,9 @@ def test_a_uuid_claimed_earlier_in_the_transaction_is_skipped_after_its_key_was_
     entry twice. Expected: ``[]``."""
     persisted: dict[int, list[str]] = {}
     held = UuidLedger(lambda key_id: list(persisted.get(key_id, [])), max_hashes=5)
-    assert [u for u, _ in held.claim(1, _rows("U"))] == ["U"]
+    assert [r[0] for r in held.claim(1, _rows("U"))] == ["U"]
     held.claim(2, _rows(*(f"k2-{n}" for n in range(10))))  # evicts key 1 from memory
-    assert [u for u, _ in held.claim(1, _rows("U", "V"))] == ["V"]
+    assert [r[0] for r in held.claim(1, _rows("U", "V"))] == ["V"]
 
 
 def test_hash_collisions_across_calls_of_one_transaction_drop_nothing(
@@ -476,9 +476,9 @@ def test_hash_collisions_across_calls_of_one_transaction_drop_nothing(
     persisted: list[str] = ["c-old"]
     held = UuidLedger(lambda key_id: list(persisted))
     # a collision with a persisted uuid, then a repeat of the persisted one
-    assert [u for u, _ in held.claim(1, _rows("c-new", "c-old", None, "c-new"))] == ["c-new", None]
+    assert [r[0] for r in held.claim(1, _rows("c-new", "c-old", None, "c-new"))] == ["c-new", None]
     # same transaction: a colliding newcomer, a repeat of an unsaved uuid
-    assert [u for u, _ in held.claim(1, _rows("c-2", "c-new", "c-3"))] == ["c-2", "c-3"]
+    assert [r[0] for r in held.claim(1, _rows("c-2", "c-new", "c-3"))] == ["c-2", "c-3"]
     held.saved()
     persisted.extend(["c-new", "c-2", "c-3"])
     # enough plain uuids to merge ``recent`` into ``merged`` (over 1024)
@@ -487,7 +487,7 @@ def test_hash_collisions_across_calls_of_one_transaction_drop_nothing(
     held.saved()
     persisted.extend(many)
     again = held.claim(1, _rows("c-4", *many[:3], "c-old", "x99999", "c-4"))
-    assert [u for u, _ in again] == ["c-4", "x99999"]
+    assert [r[0] for r in again] == ["c-4", "x99999"]
 
 
 class Uuid(str):

@@ -1,11 +1,12 @@
-"""The queue's batch rows and its in-memory uuid ledger (schema 4).
+"""The queue's batch rows and its in-memory uuid ledger (schemas 4 and 5).
 
 One queue row holds one append's entries, and one ledger row its uuids; the
 ledger in memory holds 64-bit hashes. What must hold: a hash collision never
 drops an entry, the ledger survives restarts and evictions, a batch
 acknowledged in part is read from the middle and kept until all of it is
-acknowledged, a damaged batch parks only its key, and a schema-3 file (one row
-per entry, one per uuid) keeps its entries and its ledger across the upgrade.
+acknowledged, a damaged batch parks only its key (its checksum finds damage a
+parse would not), and a schema-3 file (one row per entry, one per uuid) keeps
+its entries and its ledger across the upgrades.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from walmirror import DurableSessionStore, flusher, ledger
 from walmirror.connection import WAL_PAGES
 from walmirror.faults import FaultyStore
 from walmirror.ledger import UuidLedger
+from walmirror.protocol import HINT_FIELD, HINT_TIMESTAMP, HINT_USER
 
 KEY: SessionKey = {"project_key": "proj", "session_id": "s"}
 TUNING: dict[str, Any] = {"backoff_initial": 0.01, "backoff_max": 0.1}
@@ -40,8 +42,8 @@ def key(n: int) -> SessionKey:
 # -- the ledger on its own -------------------------------------------------------------
 
 
-def _rows(*uuids: str | None) -> list[tuple[str | None, bytes]]:
-    return [(u, json.dumps({"uuid": u}).encode()) for u in uuids]
+def _rows(*uuids: str | None) -> list[tuple[str | None, bytes, int]]:
+    return [(u, json.dumps({"uuid": u}).encode(), 0) for u in uuids]
 
 
 def test_a_hash_collision_never_drops_an_entry(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,10 +52,10 @@ def test_a_hash_collision_never_drops_an_entry(monkeypatch: pytest.MonkeyPatch) 
     persisted: list[str] = []
     held = UuidLedger(lambda key_id: list(persisted))
     first = held.claim(1, _rows("a", "b", "a", None, None))
-    assert [u for u, _ in first] == ["a", "b", None, None]
+    assert [r[0] for r in first] == ["a", "b", None, None]
     persisted.extend(["a", "b"])
     second = held.claim(1, _rows("c", "a", "d", "b"))
-    assert [u for u, _ in second] == ["c", "d"]
+    assert [r[0] for r in second] == ["c", "d"]
 
 
 def test_the_ledger_reloads_evicted_keys_and_still_knows_their_uuids() -> None:
@@ -71,7 +73,7 @@ def test_the_ledger_reloads_evicted_keys_and_still_knows_their_uuids() -> None:
         persisted[key_id] = uuids
     for key_id in range(5):
         again = held.claim(key_id, _rows(*persisted[key_id], f"{key_id}-new"))
-        assert [u for u, _ in again] == [f"{key_id}-new"]
+        assert [r[0] for r in again] == [f"{key_id}-new"]
     assert loads.count(0) >= 2  # key 0 was evicted and read again
 
 
@@ -189,6 +191,68 @@ async def test_a_batch_that_does_not_split_into_its_count_parks_its_key(
     assert await inner.load(KEY) is None
 
 
+SUB: SessionKey = {"project_key": "proj", "session_id": "s", "subpath": "agents/a"}
+
+
+@pytest.mark.parametrize(
+    ("target", "column", "damage"),
+    [
+        # Valid JSON, the same count: only the checksum tells (a subkey is never parsed).
+        (SUB, "body", "CAST('{\"n\":9}' || x'0a' || '{\"n\":8}' AS BLOB)"),
+        (KEY, "body", "CAST('{\"n\":9}' || x'0a' || '{\"n\":8}' AS BLOB)"),
+        # The hints tell the backend which entries to parse: they are checked too.
+        (KEY, "hints", "x'01000100'"),
+        (KEY, "crc", "crc + 1"),
+    ],
+)
+async def test_a_batch_that_does_not_match_its_checksum_parks_its_key(
+    make_durable: Callable[..., DurableSessionStore],
+    target: SessionKey,
+    column: str,
+    damage: str,
+) -> None:
+    inner = MemoryStore()
+    faulty = FaultyStore(inner)
+    faulty.down()
+    store = make_durable(faulty, **TUNING)
+    await store.append(target, [{"n": 0}, {"n": 1}])
+    await store.append(key(1), [{"n": 0}])
+    queue: Any = store.queue
+    await queue._writer.run(
+        lambda: queue._writer.conn.execute(
+            f"UPDATE batches SET {column} = {damage} WHERE key_id ="
+            " (SELECT key_id FROM keys WHERE session_id = 's')"
+        )
+    )
+    faulty.up()
+    for _ in range(1000):
+        parked = (await store.status())["backends"][0]["parked"]
+        if parked and await inner.load(key(1)):
+            break
+        await asyncio.sleep(0.005)
+    assert await inner.load(key(1)) == [{"n": 0}]
+    assert parked[0]["key"] == target
+    assert parked[0]["error"] == (
+        "CorruptQueueError: the queued batch at seq 0 of this key does not match its "
+        "checksum (the queue file is damaged)"
+    )
+    assert await inner.load(target) is None
+
+
+async def test_a_main_key_batch_holds_its_entries_hints_and_a_subkey_batch_none(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    store = make_durable(MemoryStore(), **TUNING)
+    await store.append(KEY, [{"type": "user", "timestamp": "t"}, {"gitBranch": "main"}])
+    await store.append(SUB, [{"type": "user"}])
+    rows = await _queue_rows(store, "SELECT hints FROM batches ORDER BY id")
+    assert rows[0][0] == walmirror.queue.pack_hints(
+        [HINT_USER | HINT_TIMESTAMP, HINT_FIELD["gitBranch"]]
+    )
+    assert rows[0][0] == bytes([6, 0, 0, 1])  # little-endian, two bytes an entry
+    assert rows[1][0] is None
+
+
 # -- the upgrade from one row per entry ---------------------------------------------------
 
 
@@ -236,7 +300,7 @@ async def test_a_schema_3_queue_keeps_its_entries_and_its_ledger(
     await store.flush(30)
     assert await inner.load(KEY) == [*entries, {"uuid": "u5", "n": 5}]
     version = await _queue_rows(store, "SELECT value FROM meta WHERE name = 'schema_version'")
-    assert int(version[0][0]) == SCHEMA_VERSION == 4
+    assert int(version[0][0]) == SCHEMA_VERSION == 5
     tables = {r[0] for r in await _queue_rows(store, "SELECT name FROM sqlite_master")}
     assert "entries" not in tables and "uuids" not in tables
 

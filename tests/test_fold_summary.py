@@ -14,7 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import walmirror.backends as backends
-from walmirror.backends import fold_summary
+from walmirror.backends import fold_batch, fold_summary
+from walmirror.protocol import (
+    HINT_CWD,
+    HINT_FIELD,
+    HINT_PARSE,
+    HINT_TAG,
+    HINT_TIMESTAMP,
+    HINT_USER,
+    SUMMARY_FIELDS,
+    Batch,
+    encode_entry,
+    summary_hint,
+)
 
 KEY: Any = {"project_key": "proj", "session_id": "sess"}
 
@@ -230,3 +242,153 @@ def test_the_installed_sdk_fold_is_the_known_one() -> None:
     other fields turns it off (and this test tells to review ``fold_summary``)."""
     assert backends._sdk_fold_is_known()
     assert backends._FAST_FOLD
+
+
+# -- fold_batch: the same fold, parsing only what the hints say can matter ---------------
+
+
+def _hinted(entries: list[Any]) -> Batch:
+    return Batch(
+        "p", 0, [encode_entry(e) for e in entries], None, [summary_hint(e) for e in entries]
+    )
+
+
+def _same_batch(prev: Any, entries: list[Any], skip: int) -> None:
+    expected, expected_error = _sdk(prev, entries[skip:])
+    before = copy.deepcopy(prev)
+    try:
+        got: Any = fold_batch(prev, KEY, _hinted(entries), skip)
+        error = None
+    except Exception as exc:
+        got, error = None, type(exc).__name__
+    assert prev == before
+    assert error == expected_error
+    if expected is not None:
+        assert json.dumps(got) == json.dumps(expected)  # values and key order
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(head=_ENTRIES, batch=_ENTRIES, skip=st.integers(0, 12))
+def test_fold_batch_is_the_sdk_fold_from_a_folded_prefix(
+    head: list[Any], batch: list[Any], skip: int
+) -> None:
+    skip = min(skip, len(batch))
+    if batch:
+        _same_batch(None, batch, skip)
+    prev = fold_session_summary(None, KEY, head) if head else None
+    if prev is not None and batch:
+        prev["mtime"] = 1234
+        _same_batch(prev, batch, skip)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.dictionaries(
+        st.sampled_from(
+            [
+                "is_sidechain",
+                "created_at",
+                "cwd",
+                "first_prompt",
+                "first_prompt_locked",
+                "custom_title",
+                "ai_title",
+                "last_prompt",
+                "summary_hint",
+                "git_branch",
+                "tag",
+            ]
+        ),
+        _ANY,
+        max_size=8,
+    ),
+    batch=st.lists(_ENTRY, min_size=1, max_size=12),
+)
+def test_fold_batch_is_the_sdk_fold_from_any_stored_summary(
+    data: dict[str, Any], batch: list[Any]
+) -> None:
+    _same_batch({"session_id": "sess", "mtime": 7, "data": data}, batch, 0)
+
+
+def _transcript(n: int) -> list[Any]:
+    return [
+        {
+            "type": "assistant" if i % 2 else "user",
+            "uuid": f"u{i}",
+            "timestamp": "2025-01-01T00:00:00.000Z",
+            "cwd": "/work",
+            "gitBranch": "main" if i < 400 else "dev",
+            "message": {"role": "user", "content": f"prompt {i}"},
+        }
+        for i in range(n)
+    ]
+
+
+def test_fold_batch_parses_only_the_entries_that_can_change_a_settled_summary() -> None:
+    """A settled summary and a transcript-shaped batch: only the tag entry and the last
+    ``gitBranch`` are parsed. Every other body is replaced by bytes that are not JSON,
+    which a parse would refuse; the fold is still the SDK's."""
+    entries = _transcript(500)
+    entries[250] = {"type": "tag", "tag": "red"}
+    prev = fold_session_summary(None, KEY, entries[:1])
+    expected = fold_session_summary(prev, KEY, entries)
+    batch = _hinted(entries)
+    garbled = [b if i in (250, 499) else b"not json" for i, b in enumerate(batch.encoded)]
+    hinted = Batch("p", 0, garbled, None, batch.hints)
+    assert fold_batch(prev, KEY, hinted) == expected
+    with pytest.raises(ValueError):
+        fold_batch(prev, KEY, Batch("p", 0, garbled, None))  # no hints: everything is parsed
+
+
+def test_fold_batch_without_a_settled_summary_parses_everything() -> None:
+    entries = _transcript(3)
+    batch = _hinted(entries)
+    garbled = Batch("p", 0, [batch.encoded[0], b"not json", batch.encoded[2]], None, batch.hints)
+    with pytest.raises(ValueError):
+        fold_batch(None, KEY, garbled)
+
+
+def test_fold_batch_ignores_hints_when_the_sdk_fold_is_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(backends, "_HINTS_KNOWN", False)
+    entries = _transcript(4)
+    prev = fold_session_summary(None, KEY, entries[:1])
+    batch = _hinted(entries)
+    garbled = Batch("p", 0, [*batch.encoded[:3], b"not json"], None, batch.hints)
+    with pytest.raises(ValueError):
+        fold_batch(prev, KEY, garbled)
+
+
+def test_summary_hint_names_what_the_fold_reads() -> None:
+    assert summary_hint({}) == 0
+    assert summary_hint({"type": "tag", "tag": "x"}) == HINT_TAG
+    assert summary_hint({"type": "user"}) == HINT_USER
+    assert summary_hint({"timestamp": None}) == HINT_TIMESTAMP  # present is enough
+    assert summary_hint({"cwd": ""}) == 0 and summary_hint({"cwd": "/w"}) == HINT_CWD
+    assert summary_hint({"gitBranch": 3, "customTitle": "t"}) == HINT_FIELD["customTitle"]
+    assert set(SUMMARY_FIELDS) == set(backends._LAST_WINS)
+
+
+def test_an_entry_whose_values_are_not_plain_json_is_always_parsed() -> None:
+    class Text(str):
+        pass
+
+    assert summary_hint({"type": Text("assistant")}) == HINT_PARSE
+    assert summary_hint({"cwd": Text("/w")}) == HINT_PARSE
+    assert summary_hint({"gitBranch": Text("main")}) == HINT_PARSE
+
+
+def test_an_entry_to_parse_never_stands_for_the_last_holder_of_a_field() -> None:
+    """Found by the session-6 attack: a ``HINT_PARSE`` entry after the newest title
+    must not be taken for the entry holding it (the title would be lost)."""
+
+    class Text(str):
+        pass
+
+    first = {"type": "user", "timestamp": "t", "cwd": "/w", "message": {"content": "p"}}
+    prev = fold_session_summary(None, KEY, [{**first, "customTitle": "old"}])
+    entries: list[Any] = [{"customTitle": "new"}, {"customTitle": "newer"}, {"type": Text("x")}]
+    hints = [summary_hint(e) for e in entries]
+    batch = Batch("p", 0, [encode_entry(e) for e in entries], None, hints)
+    assert fold_batch(prev, KEY, batch)["data"]["custom_title"] == "newer"

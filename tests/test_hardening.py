@@ -86,8 +86,8 @@ async def test_a_failure_in_one_callers_rows_fails_only_that_caller(
     queue: Any = store.queue
     real = queue._ledger.claim
 
-    def claim(key_id: int, rows: list[tuple[str | None, bytes]]) -> Any:
-        if any(u == "poison" for u, _ in rows):
+    def claim(key_id: int, rows: list[tuple[str | None, bytes, int]]) -> Any:
+        if any(row[0] == "poison" for row in rows):
             raise ValueError("injected")
         return real(key_id, rows)
 

@@ -35,7 +35,7 @@ from claude_agent_sdk.testing.session_store_conformance import run_session_store
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
 from walmirror import DurableSessionStore
-from walmirror.backends import fold_summary
+from walmirror.backends import fold_batch, fold_summary
 from walmirror.backends import postgres as postgres_module
 from walmirror.backends.postgres import PostgresStore
 from walmirror.errors import (
@@ -610,14 +610,20 @@ async def test_the_fold_sees_each_appended_entry_once_and_no_repeat(
     store: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Refolding a suffix can leave the same summary, so watch what goes into the fold
-    (``fold_summary``: the SDK's fold, run on the entries that can change a summary)."""
+    (``fold_summary`` for plain entries and a backlog, ``fold_batch`` for a batch's
+    entries past ``skip``: the SDK's fold, run on the entries that can change a summary)."""
     folded: list[str] = []
 
     def spy(prev: Any, key: SessionKey, batch: list[Any]) -> Any:
         folded.extend(e["uuid"] for e in batch)
         return fold_summary(prev, key, batch)
 
+    def spy_batch(prev: Any, key: SessionKey, batch: Batch, skip: int) -> Any:
+        folded.extend(e["uuid"] for e in batch.entries[skip:])
+        return fold_batch(prev, key, batch, skip)
+
     monkeypatch.setattr(postgres_module, "fold_summary", spy)
+    monkeypatch.setattr(postgres_module, "fold_batch", spy_batch)
     await store.append_batch(KEY, batch("pa", 0, 6, tag="e"))
     await store.append_batch(KEY, batch("pa", 0, 6, expect=5, tag="e"))  # repeat
     await store.append_batch(KEY, batch("pa", 3, 6, expect=5, tag="e"))  # partial repeat

@@ -18,7 +18,15 @@ from claude_agent_sdk import fold_session_summary
 from claude_agent_sdk.types import SessionKey
 from conftest import Connect
 
-from walmirror.protocol import Batch, MarkBehindError, Receipt, has_ping, is_producer_store
+from walmirror.protocol import (
+    Batch,
+    MarkBehindError,
+    Receipt,
+    encode_entry,
+    has_ping,
+    is_producer_store,
+    summary_hint,
+)
 
 KEY: SessionKey = {"project_key": "proj", "session_id": "sess"}
 SUB: SessionKey = {**KEY, "subpath": "subagents/agent-1"}
@@ -189,6 +197,71 @@ async def test_summaries_fold_every_stored_entry_exactly_once(connect_backend: C
     assert [s["data"] for s in summaries] == [expected["data"]]
 
 
+def transcript(producer: str, first: int, count: int) -> list[dict[str, Any]]:
+    """CLI-shaped entries: every one with a cwd and a git branch, now and then a title,
+    a tag or a cleared tag (the fields the summary fold reads)."""
+    out: list[dict[str, Any]] = []
+    for n in range(first, first + count):
+        entry: dict[str, Any] = {
+            "type": "user" if n % 3 == 0 else "assistant",
+            "timestamp": f"2025-01-01T00:00:{n % 60:02d}.000Z",
+            "cwd": "/work",
+            "gitBranch": f"{producer}-{n // 4}",
+            "message": {"role": "user", "content": f"{producer} prompt {n}"},
+        }
+        if n % 7 == 3:
+            entry["customTitle"] = f"{producer} title {n}"
+        if n % 11 == 5:
+            entry = {"type": "tag", "tag": "" if n % 2 else f"t{n}"}
+        out.append(entry)
+    return out
+
+
+def hinted(producer: str, first: int, count: int, expect: int | None = None) -> Batch:
+    """A batch as the queue sends it: bytes and hints, nothing parsed yet."""
+    items = transcript(producer, first, count)
+    encoded = [encode_entry(e) for e in items]
+    return Batch(producer, first, encoded, expect, [summary_hint(e) for e in items])
+
+
+async def test_summaries_of_hinted_batches_are_the_sdk_fold_of_what_is_stored(
+    connect_backend: Connect,
+) -> None:
+    """Batches carrying hints (the backend parses only what can change the summary),
+    from two hosts, with repeats: the summary is the SDK's fold of the transcript."""
+    a: Any = await connect_backend()
+    b: Any = await connect_backend()
+    seqs = {"pa": 0, "pb": 0}
+    rng = random.Random(3)
+    for turn in range(16):
+        # One writer first (a backend folds on what it cached), then both at once.
+        producer, host = ("pa", a) if turn < 8 else rng.choice([("pa", a), ("pb", b)])
+        if turn == 8:
+            await _same_summary_as_the_sdk_fold(connect_backend, a)
+        seq = seqs[producer]
+        count = rng.randint(1, 9)
+        expect = seq - 1 if seq else None
+        await host.append_batch(KEY, hinted(producer, seq, count, expect))
+        seq += count
+        if rng.random() < 0.4:  # overlapping what is stored: its first entry repeats
+            await host.append_batch(KEY, hinted(producer, seq - 1, 3, seq - 1))
+            seq += 2
+        seqs[producer] = seq
+    assert len(await a.load(KEY)) == sum(seqs.values())
+    await _same_summary_as_the_sdk_fold(connect_backend, a, b)
+
+
+async def _same_summary_as_the_sdk_fold(connect_backend: Connect, *hosts: Any) -> None:
+    for host in hosts:  # a store that buffers summary writes writes them before listing
+        await host.list_session_summaries(KEY["project_key"])
+    fresh: Any = await connect_backend()
+    stored = await fresh.load(KEY)
+    expected = fold_session_summary(None, KEY, stored)
+    summaries = await fresh.list_session_summaries(KEY["project_key"])
+    assert [s["data"] for s in summaries] == [expected["data"]]
+    assert "custom_title" in expected["data"] and "git_branch" in expected["data"]
+
+
 async def test_bad_batches_are_refused_with_a_clear_error(connect_backend: Connect) -> None:
     store: Any = await connect_backend()
     for bad in (
@@ -196,6 +269,8 @@ async def test_bad_batches_are_refused_with_a_clear_error(connect_backend: Conne
         Batch("pa", -1, [b"{}"]),
         Batch("pa", 0, []),
         Batch("pa", 0, [b"{}"], expect=-2),
+        Batch("pa", 0, [b"{}"], hints=[0, 0]),
+        Batch("pa", 0, [b"{}"], hints=["0"]),  # type: ignore[list-item]
     ):
         with pytest.raises(ValueError):
             await store.append_batch(KEY, bad)
