@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from walmirror.bench.drain import median_run
 from walmirror.cli import main
 
 
@@ -29,3 +30,16 @@ def test_bench_drain_quick_json(capsys: pytest.CaptureFixture[str]) -> None:
             assert w["drained"] and w["exact"]
         if not result["reference_available"]:
             assert "error" in row["reference"]
+
+
+def test_a_row_shows_the_median_run_and_every_trial() -> None:
+    runs = [
+        {"entries_per_s": 90, "drained": True, "exact": True},
+        {"entries_per_s": 120, "drained": True, "exact": False},
+        {"entries_per_s": 100, "drained": True, "exact": True},
+    ]
+    row = median_run(runs)
+    assert row["entries_per_s"] == 100
+    assert row["trials"] == [90, 120, 100]
+    assert row["drained"] and not row["exact"]  # one run not exact: the row is not
+    assert median_run([*runs, {"error": "Boom"}]) == {"error": "Boom"}
