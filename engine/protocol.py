@@ -277,13 +277,12 @@ def summary_hint(entry: dict[str, Any]) -> int:
         hint |= HINT_TIMESTAMP
     if cwd:
         hint |= HINT_CWD
-    if not _SUMMARY_FIELD_SET.isdisjoint(entry):
-        for name, bit in HINT_FIELD.items():
-            value = entry.get(name)
-            if type(value) is str:
-                hint |= bit
-            elif isinstance(value, str):
-                return HINT_PARSE
+    for name in _SUMMARY_FIELD_SET.intersection(entry):  # ~1 µs an entry in all
+        value = entry[name]
+        if type(value) is str:
+            hint |= HINT_FIELD[name]
+        elif isinstance(value, str):
+            return HINT_PARSE
     return hint
 
 
