@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from claude_agent_sdk._internal.transcript_mirror_batcher import TranscriptMirrorBatcher
 from claude_agent_sdk.types import SessionKey, SessionStore, SessionStoreEntry
 
@@ -83,6 +84,27 @@ def id_ranges(tag: int, entries: Sequence[Any]) -> list[Span]:
     return spans
 
 
+_ID_FIELDS = (b'"uuid":"', b'"messageId":"')
+
+
+def ids_of(encoded: Sequence[bytes]) -> list[dict[str, str]]:
+    """What ``parse_id`` reads of each encoded entry (its ``uuid``, else its
+    ``messageId``), found in the bytes: parsing every delivered batch to log it
+    would cost walmirror's process more than walmirror's own delivery does. The
+    workload writes either field before any nested one, and no text holds them."""
+    found: list[dict[str, str]] = []
+    for body in encoded:
+        for field in _ID_FIELDS:
+            at = body.find(field)
+            if at >= 0:
+                start = at + len(field)
+                found.append({"uuid": body[start : start + 36].decode(errors="replace")})
+                break
+        else:
+            found.append({})
+    return found
+
+
 class EventLog:
     """The worker's event log: one JSON array per line, appended with one ``write``."""
 
@@ -95,7 +117,7 @@ class EventLog:
         return time.monotonic() - self.start
 
     def write(self, record: list[Any], *, sync: bool = False) -> None:
-        os.write(self.fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+        os.write(self.fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         if sync and self.durable:
             os.fsync(self.fd)
 
@@ -122,7 +144,7 @@ def record_landings(backend: SessionStore, log: EventLog, tag: int) -> None:
 
         async def append_batch(key: SessionKey, batch: Any) -> Any:
             receipt = await original(key, batch)
-            log.write(["L", round(log.now(), 4), id_ranges(tag, batch.entries)])
+            log.write(["L", round(log.now(), 4), id_ranges(tag, ids_of(batch.encoded))])
             return receipt
 
         setattr(backend, "append_batch", append_batch)  # noqa: B010

@@ -25,7 +25,7 @@ sessions' subagent transcripts.
 
 from __future__ import annotations
 
-import json
+import functools
 import random
 import uuid
 from collections.abc import Iterator
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import orjson
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
 __all__ = [
@@ -113,6 +114,7 @@ class Turn:
     t: float
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every frame: a Random each costs the loop
 def session_id(w: Workload, session: int) -> str:
     rng = random.Random(f"{w.seed}:{w.tag}:session:{session}")
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
@@ -210,7 +212,7 @@ def make_entries(w: Workload, frame: Frame) -> list[SessionStoreEntry]:
                 entry["message"]["model"] = "claude-sonnet-4-5"
                 entry["message"]["usage"] = {"input_tokens": 500 + n % 4000, "output_tokens": 80}
             pad = entry["message"]
-        room = w.entry_bytes - len(json.dumps(entry, separators=(",", ":")))
+        room = w.entry_bytes - len(orjson.dumps(entry))  # compact JSON, as json.dumps's
         if room > 0:
             start = (n * 7 + frame.key) % len(_WORDS)
             words = _WORDS[start:] + _WORDS[:start]

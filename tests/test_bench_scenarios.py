@@ -21,8 +21,11 @@ from typing import Any
 import pytest
 
 from walmirror.bench.scenario_output import FIGURES
+from walmirror.bench.scenario_worker import id_ranges, ids_of
+from walmirror.bench.scenario_workload import Frame, Workload, make_entries, parse_id, schedule
 from walmirror.bench.scenarios import SCENARIOS, Settings, run_scenario
 from walmirror.cli import SCENARIO_NAMES, main
+from walmirror.protocol import encode_entry
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -291,3 +294,17 @@ async def test_long_outage_on_redis_through_the_fault_proxy(tmp_path: Path) -> N
         assert [k async for k in client.scan_iter(match=f"*bench-{tag}*")] == []
     finally:
         await client.aclose()
+
+
+def test_the_landing_log_reads_each_entry_s_id_from_its_bytes_as_parse_id_does() -> None:
+    """The worker logs what a batch delivered without parsing it (``ids_of``): the
+    ids must be the ones ``parse_id`` reads of the parsed entries, for every shape
+    the workload writes (with a uuid, and the uuid-less snapshots)."""
+    w = Workload(sessions=4, entries_per_s=400.0, duration=2.0, uuidless_share=0.4, tag=0x1234ABCD)
+    for frame in [f for s in range(4) for f in schedule(w, s) if isinstance(f, Frame)][:60]:
+        entries = make_entries(w, frame)
+        encoded = [encode_entry(e) for e in entries]
+        assert id_ranges(w.tag, ids_of(encoded)) == id_ranges(w.tag, entries)
+        assert [parse_id(w.tag, e) for e in entries] == [
+            parse_id(w.tag, found) for found in ids_of(encoded)
+        ]
