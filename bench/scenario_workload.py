@@ -176,6 +176,13 @@ def schedule(w: Workload, session: int) -> Iterator[Frame | Turn]:
         t += interval * rng.uniform(0.5, 1.5)
 
 
+@functools.lru_cache(maxsize=8192)
+def _padding(start: int, room: int) -> str:
+    """``room`` characters of words, from word ``start`` on (cached: asked per entry)."""
+    text = " ".join(_WORDS[start:] + _WORDS[:start])
+    return ((text + " ") * (room // (len(text) + 1) + 1))[:room]
+
+
 def make_entries(w: Workload, frame: Frame) -> list[SessionStoreEntry]:
     """The frame's entries, shaped like the CLI's transcript lines, ~``entry_bytes`` each."""
     k = key_for(w, "p", frame.key)
@@ -214,11 +221,7 @@ def make_entries(w: Workload, frame: Frame) -> list[SessionStoreEntry]:
             pad = entry["message"]
         room = w.entry_bytes - len(orjson.dumps(entry))  # compact JSON, as json.dumps's
         if room > 0:
-            start = (n * 7 + frame.key) % len(_WORDS)
-            words = _WORDS[start:] + _WORDS[:start]
-            text = " ".join(words)
-            text = (text + " ") * (room // (len(text) + 1) + 1)
             key_name = "content" if "content" in pad else "note"
-            pad[key_name] = text[:room]
+            pad[key_name] = _padding((n * 7 + frame.key) % len(_WORDS), room)
         out.append(cast(SessionStoreEntry, entry))
     return out
