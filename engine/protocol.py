@@ -257,6 +257,7 @@ HINT_PARSE = 16 << len(SUMMARY_FIELDS)
 """An entry to parse whatever the summary holds (its other bits are not set)."""
 
 _PLAIN = frozenset({str, int, float, bool, type(None), list, dict})
+_SUMMARY_FIELD_SET = frozenset(SUMMARY_FIELDS)
 
 
 def summary_hint(entry: dict[str, Any]) -> int:
@@ -284,9 +285,6 @@ def summary_hint(entry: dict[str, Any]) -> int:
         elif isinstance(value, str):
             return HINT_PARSE
     return hint
-
-
-_SUMMARY_FIELD_SET = frozenset(SUMMARY_FIELDS)
 
 
 def uuids_of(entries: Iterable[Any]) -> set[str]:

@@ -173,7 +173,7 @@ class NextBatch:
     fenced: bool  # a delete of the key waits for this backend: it goes first
     first: int  # the seq of bodies[0]; above cursor.acked only if those were compacted
     bodies: list[bytes]
-    hints: list[int] | None = None  # the bodies' summary hints, when every one has its
+    hints: list[int] | None = None  # the bodies' summary hints (None unless each has one)
 
 
 @dataclass

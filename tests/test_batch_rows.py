@@ -157,60 +157,15 @@ async def test_a_batch_acknowledged_in_part_is_read_from_its_middle_and_kept(
     assert await _queue_rows(store, "SELECT count FROM batches") == []
 
 
-@pytest.mark.parametrize(
-    ("damage", "found"),
-    [("CAST(body || x'0a7b7d' AS BLOB)", "holds 3 entries"), ("'text'", "holds 0 entries")],
-)
-async def test_a_batch_that_does_not_split_into_its_count_parks_its_key(
-    make_durable: Callable[..., DurableSessionStore], damage: str, found: str
-) -> None:
-    inner = MemoryStore()
-    faulty = FaultyStore(inner)
-    faulty.down()
-    store = make_durable(faulty, **TUNING)
-    await store.append(KEY, [{"n": 0}, {"n": 1}])
-    await store.append(key(1), [{"n": 0}])
-    queue: Any = store.queue
-    await queue._writer.run(
-        lambda: queue._writer.conn.execute(
-            f"UPDATE batches SET body = {damage} WHERE key_id ="
-            " (SELECT key_id FROM keys WHERE session_id = 's')"
-        )
-    )
-    faulty.up()
-    for _ in range(1000):
-        parked = (await store.status())["backends"][0]["parked"]
-        if parked and await inner.load(key(1)):
-            break
-        await asyncio.sleep(0.005)
-    assert await inner.load(key(1)) == [{"n": 0}]
-    assert parked[0]["key"] == KEY
-    assert parked[0]["error"].startswith(
-        f"CorruptQueueError: the queued batch at seq 0 of this key {found} where 2 were"
-    )
-    assert await inner.load(KEY) is None
-
-
 SUB: SessionKey = {"project_key": "proj", "session_id": "s", "subpath": "agents/a"}
 
 
-@pytest.mark.parametrize(
-    ("target", "column", "damage"),
-    [
-        # Valid JSON, the same count: only the checksum tells (a subkey is never parsed).
-        (SUB, "body", "CAST('{\"n\":9}' || x'0a' || '{\"n\":8}' AS BLOB)"),
-        (KEY, "body", "CAST('{\"n\":9}' || x'0a' || '{\"n\":8}' AS BLOB)"),
-        # The hints tell the backend which entries to parse: they are checked too.
-        (KEY, "hints", "x'01000100'"),
-        (KEY, "crc", "crc + 1"),
-    ],
-)
-async def test_a_batch_that_does_not_match_its_checksum_parks_its_key(
-    make_durable: Callable[..., DurableSessionStore],
-    target: SessionKey,
-    column: str,
-    damage: str,
-) -> None:
+async def _deliver_damaged(
+    make_durable: Callable[..., DurableSessionStore], target: SessionKey, damage: str
+) -> tuple[MemoryStore, list[dict[str, Any]]]:
+    """Queue two entries of ``target`` and one of another key with the backend down,
+    apply ``damage`` (``SET`` clauses) to ``target``'s batch, bring the backend up and
+    wait until the other key is delivered and a key is parked: (backend, parked)."""
     inner = MemoryStore()
     faulty = FaultyStore(inner)
     faulty.down()
@@ -220,16 +175,51 @@ async def test_a_batch_that_does_not_match_its_checksum_parks_its_key(
     queue: Any = store.queue
     await queue._writer.run(
         lambda: queue._writer.conn.execute(
-            f"UPDATE batches SET {column} = {damage} WHERE key_id ="
+            f"UPDATE batches SET {damage} WHERE key_id ="
             " (SELECT key_id FROM keys WHERE session_id = 's')"
         )
     )
     faulty.up()
-    for _ in range(1000):
-        parked = (await store.status())["backends"][0]["parked"]
+    deadline = time.monotonic() + 30  # a guard against a hang, not a timing
+    while True:
+        parked: list[dict[str, Any]] = (await store.status())["backends"][0]["parked"]
         if parked and await inner.load(key(1)):
-            break
-        await asyncio.sleep(0.005)
+            return inner, parked
+        assert time.monotonic() < deadline, "the other key was not delivered, or none parked"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("damage", "found"),
+    [("CAST(body || x'0a7b7d' AS BLOB)", "holds 3 entries"), ("'text'", "holds 0 entries")],
+)
+async def test_a_batch_that_does_not_split_into_its_count_parks_its_key(
+    make_durable: Callable[..., DurableSessionStore], damage: str, found: str
+) -> None:
+    inner, parked = await _deliver_damaged(make_durable, KEY, f"body = {damage}")
+    assert await inner.load(key(1)) == [{"n": 0}]
+    assert parked[0]["key"] == KEY
+    assert parked[0]["error"].startswith(
+        f"CorruptQueueError: the queued batch at seq 0 of this key {found} where 2 were"
+    )
+    assert await inner.load(KEY) is None
+
+
+@pytest.mark.parametrize(
+    ("target", "damage"),
+    [
+        # Valid JSON, the same count: only the checksum tells (a subkey is never parsed).
+        (SUB, "body = CAST('{\"n\":9}' || x'0a' || '{\"n\":8}' AS BLOB)"),
+        (KEY, "body = CAST('{\"n\":9}' || x'0a' || '{\"n\":8}' AS BLOB)"),
+        # The hints tell the backend which entries to parse: they are checked too.
+        (KEY, "hints = x'01000100'"),
+        (KEY, "crc = crc + 1"),
+    ],
+)
+async def test_a_batch_that_does_not_match_its_checksum_parks_its_key(
+    make_durable: Callable[..., DurableSessionStore], target: SessionKey, damage: str
+) -> None:
+    inner, parked = await _deliver_damaged(make_durable, target, damage)
     assert await inner.load(key(1)) == [{"n": 0}]
     assert parked[0]["key"] == target
     assert parked[0]["error"] == (
