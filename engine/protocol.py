@@ -243,7 +243,9 @@ def too_deep(entry: Any, body: bytes) -> bool:
 # backend parses only the entries whose hints say they can matter.
 
 SUMMARY_FIELDS = ("customTitle", "aiTitle", "lastPrompt", "summary", "gitBranch")
-"""The last-wins fields of the SDK's summary fold (as of claude-agent-sdk 0.2.x)."""
+"""The last-wins fields of the SDK's summary fold (as of claude-agent-sdk 0.2.x).
+Queue files keep hints made with this list: changing it (or any bit below) changes
+what they mean, so it needs a schema step that drops the hints of older batches."""
 
 HINT_TAG = 1  # "type" is "tag": sets or clears the summary's tag
 HINT_USER = 2  # "type" is "user": may set the first prompt
