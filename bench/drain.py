@@ -412,14 +412,16 @@ async def reference_append(
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median rate, with every run's rate (``trials``); a run that
-    failed is the result. For walmirror, ``drained`` and ``exact`` must hold in all."""
+    """The run with the median rate, with every run's rate (``trials``) and every run
+    whole (``runs``, to explain an outlier); a run that failed is the result. For
+    walmirror, ``drained`` and ``exact`` must hold in all."""
     failed = next((run for run in runs if "entries_per_s" not in run), None)
     if failed is not None:
         return failed
     ranked = sorted(runs, key=lambda run: run["entries_per_s"])
     result = dict(ranked[(len(ranked) - 1) // 2])
     result["trials"] = [run["entries_per_s"] for run in runs]
+    result["runs"] = [dict(run) for run in runs]
     for flag in ("drained", "exact"):
         if flag in result:
             result[flag] = all(run[flag] for run in runs)

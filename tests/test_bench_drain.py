@@ -41,5 +41,6 @@ def test_a_row_shows_the_median_run_and_every_trial() -> None:
     row = median_run(runs)
     assert row["entries_per_s"] == 100
     assert row["trials"] == [90, 120, 100]
+    assert row["runs"] == runs
     assert row["drained"] and not row["exact"]  # one run not exact: the row is not
     assert median_run([*runs, {"error": "Boom"}]) == {"error": "Boom"}
