@@ -154,31 +154,32 @@ def test_same_as_the_sdk_fold_from_a_folded_prefix(head: list[Any], batch: list[
     _same(prev, batch)
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    data=st.dictionaries(
-        st.sampled_from(
-            [
-                "is_sidechain",
-                "created_at",
-                "cwd",
-                "first_prompt",
-                "first_prompt_locked",
-                "command_fallback",
-                "custom_title",
-                "ai_title",
-                "last_prompt",
-                "summary_hint",
-                "git_branch",
-                "tag",
-                "other",
-            ]
-        ),
-        _ANY,
-        max_size=8,
+# A stored summary's data: any of the fold's keys (and one it does not know), any values.
+_STORED_DATA = st.dictionaries(
+    st.sampled_from(
+        [
+            "is_sidechain",
+            "created_at",
+            "cwd",
+            "first_prompt",
+            "first_prompt_locked",
+            "command_fallback",
+            "custom_title",
+            "ai_title",
+            "last_prompt",
+            "summary_hint",
+            "git_branch",
+            "tag",
+            "other",
+        ]
     ),
-    batch=_ENTRIES,
+    _ANY,
+    max_size=8,
 )
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_STORED_DATA, batch=_ENTRIES)
 def test_same_as_the_sdk_fold_from_any_stored_summary(
     data: dict[str, Any], batch: list[Any]
 ) -> None:
@@ -282,28 +283,7 @@ def test_fold_batch_is_the_sdk_fold_from_a_folded_prefix(
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    data=st.dictionaries(
-        st.sampled_from(
-            [
-                "is_sidechain",
-                "created_at",
-                "cwd",
-                "first_prompt",
-                "first_prompt_locked",
-                "custom_title",
-                "ai_title",
-                "last_prompt",
-                "summary_hint",
-                "git_branch",
-                "tag",
-            ]
-        ),
-        _ANY,
-        max_size=8,
-    ),
-    batch=st.lists(_ENTRY, min_size=1, max_size=12),
-)
+@given(data=_STORED_DATA, batch=st.lists(_ENTRY, min_size=1, max_size=12))
 def test_fold_batch_is_the_sdk_fold_from_any_stored_summary(
     data: dict[str, Any], batch: list[Any]
 ) -> None:
