@@ -19,14 +19,18 @@ d. the baselines, stdlib ``sqlite3`` only, half before and half after (a)-(c)
    so they see the same machine load: a raw SQLite WAL commit of the same 17
    entries with ``synchronous=FULL`` (p50 and p99), and raw per-row bulk
    commits of 850 entries (50 sessions x 17) in entries/s; for (c), the
-   backend's own ``append`` of the same 17 entries.
+   backend's own ``append`` of the same 17 entries;
+e. mirror lag at a steady rate (``walmirror.bench.lag``): 50 sessions append on
+   an open-loop clock to a store in front of Redis (when one answers), at
+   10,000 entries/s and, as its same-run baseline, at 1,000/s; the queue's lag
+   (what ``status()`` reports) is sampled every 20 ms.
 
 Every goal is the DESIGN.md one, judged against the baseline from the same
 run (the machine is shared: absolute figures move with its load):
 append p50 <= 2x and p99 <= 3x the raw commit's p50 and p99; down within 20 %
 of healthy; ingest with 50 sessions >= 100k entries/s (DESIGN.md's raw bulk
 figure was ~112k, so also shown as >= 0.89x raw); heal to first delivery
-<= 0.5 s.
+<= 0.5 s; lag p99 at 10,000 entries/s <= 100 ms.
 """
 
 from __future__ import annotations
@@ -61,7 +65,10 @@ GOALS = {
     "down_over_healthy": 1.2,  # unchanged (within 20 %) while the backend is down
     "ingest_50_entries_per_s": 100_000.0,  # 50 concurrent sessions
     "heal_to_first_delivery_s": 0.5,
+    "lag_p99_ms_at_10k": 100.0,  # queue lag p99 at 10,000 entries/s, 50 sessions, Redis
 }
+LAG_RATES = (1_000, 10_000)  # entries/s: the baseline, then the goal's rate
+LAG_SESSIONS = 50
 # DESIGN.md: "raw per-row SQLite bulk insert: ~112k here": the ingest goal as a ratio.
 DESIGN_RAW_BULK_PER_S = 112_000
 INGEST_GOAL_X_RAW = round(GOALS["ingest_50_entries_per_s"] / DESIGN_RAW_BULK_PER_S, 2)
@@ -80,6 +87,7 @@ class Sizes:
     heal_trials: int
     heal_settle: float  # down this long before counting calls: the breaker opens
     heal_window: float  # then calls are counted for this long, then up()
+    lag_seconds: float  # each steady-rate run of (e)
 
 
 FULL = Sizes(
@@ -90,6 +98,7 @@ FULL = Sizes(
     heal_trials=5,
     heal_settle=1.5,
     heal_window=2.0,
+    lag_seconds=8.0,
 )
 QUICK = Sizes(
     latency_batches=150,
@@ -99,6 +108,7 @@ QUICK = Sizes(
     heal_trials=2,
     heal_settle=1.0,
     heal_window=0.5,
+    lag_seconds=1.5,
 )
 
 
@@ -466,6 +476,15 @@ async def measure(quick: bool, directory: Path) -> dict[str, Any]:
         )
         for kind in ("file", "redis")
     }
+    from walmirror.bench.lag import LagRun, lag_at_rates  # it builds on this module
+
+    lag = await _guard(
+        lag_at_rates(
+            REDIS_URL,
+            directory,
+            [LagRun(rate, LAG_SESSIONS, sizes.lag_seconds, 0.02) for rate in LAG_RATES],
+        )
+    )
     await asyncio.to_thread(sqlite_baseline, directory, half_commits, half_bulk, raw)
     entry_bytes = len(json.dumps(make_batch("x" * 32, 0)[0]).encode())
     results: dict[str, Any] = {
@@ -486,6 +505,7 @@ async def measure(quick: bool, directory: Path) -> dict[str, Any]:
             "sessions_50": fifty,
         },
         "heal": heal,
+        "lag": lag,
         "baseline": {
             "method": "stdlib sqlite3, WAL, synchronous=FULL; half before and half after "
             "the walmirror figures, pooled",
@@ -592,7 +612,37 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
                     baseline_label="the backend's own append of 17, p50 (ms)",
                 )
             )
+    rows.extend(_lag_checks(r["lag"]))
     return rows
+
+
+def _lag_runs(lag: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(e)'s runs at the baseline rate and at the goal's, when both ran."""
+    runs = {run["rate"]: run for run in lag.get("runs", [])}
+    low, high = runs.get(LAG_RATES[0]), runs.get(LAG_RATES[1])
+    return None if low is None or high is None else (low, high)
+
+
+def _lag_checks(lag: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lag goal at 10,000/s beside the lag at 1,000/s from the same run."""
+    runs = _lag_runs(lag)
+    if runs is None:
+        return []
+    low, high = runs
+    goal = GOALS["lag_p99_ms_at_10k"]
+    value, b = high["lag"]["p99_ms"], low["lag"]["p99_ms"]
+    return [
+        _check(
+            f"queue lag p99 at {LAG_RATES[1]:,}/s, redis (ms)",
+            value,
+            "ms",
+            f"<= {goal:g} ms",
+            value <= goal and high["exact"],
+            baseline=b,
+            baseline_label=f"queue lag p99 at {LAG_RATES[0]:,}/s",
+            ratio=value / b if b else None,
+        )
+    ]
 
 
 # -- output -----------------------------------------------------------------------------
@@ -608,10 +658,13 @@ def _num(value: float, unit: str) -> str:
     return f"{value:.2f}"
 
 
+Row = tuple[str, str, str, str, str, str]  # a table row: measure, value, baseline, ...
+
+
 def table(r: dict[str, Any]) -> str:
     """The results as text: each figure beside its same-run baseline, the ratio, the goal."""
     m, a, base = r["machine"], r["append"], r["baseline"]
-    rows = [("measure", "value", "same-run baseline", "ratio", "goal", "")]
+    rows: list[Row] = [("measure", "value", "same-run baseline", "ratio", "goal", "")]
     for c in r["checks"]:
         verdict = "met" if c["met"] else "MISSED"
         if "met_ratio" in c:
@@ -621,6 +674,8 @@ def table(r: dict[str, Any]) -> str:
             b = f"{c['baseline']:.3f} ms (direct write)"
         elif c["unit"] == "x":
             b = f"{c['baseline']:.3f} ms (healthy)"
+        elif c["measure"].startswith("queue lag"):
+            b = f"{c['baseline']:.3f} ms (at {LAG_RATES[0]:,}/s)"
         ratio = "" if c["ratio"] is None or c["unit"] == "x" else f"{c['ratio']:.2f}x"
         rows.append((c["measure"], _num(c["value"], c["unit"]), b, ratio, c["goal"], verdict))
     one = r["ingest"]["sessions_1"]["entries_per_s"]
@@ -651,6 +706,7 @@ def table(r: dict[str, Any]) -> str:
                     f"writes {w['writes_per_s']:.1f}/s; {ops} in {w['seconds']:.1f} s",
                 )
             )
+    rows.extend(_lag_rows(r["lag"]))
     raw = base["sqlite_commit_17"]
     rows.append(
         (
@@ -686,16 +742,53 @@ def table(r: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"heal, {kind}: {h.get('skipped') or h.get('error')}")
+    lines.append(_lag_line(r["lag"]))
     missed = [c["measure"] for c in r["checks"] if not c["met"]]
     lines += [
         f"append: {a['backend']}; ingest: {r['ingest']['backend']}.",
         "Baselines: raw stdlib sqlite3 (WAL, synchronous=FULL) of the same rows, measured in "
         "this run (half before, half after); ratio = figure / baseline. Not measured here: "
-        "lag and catch-up (bench --scenario), drain rate (bench --drain), RSS and queue size "
-        "with 1M queued (bench --scale).",
+        "lag through the SDK's batcher and catch-up (bench --scenario), drain rate "
+        "(bench --drain), RSS and queue size with 1M queued (bench --scale).",
         "all goals met." if not missed else f"{len(missed)} goal(s) missed.",
     ]
     return "\n".join(lines)
+
+
+def _lag_rows(lag: dict[str, Any]) -> list[Row]:
+    runs = _lag_runs(lag)
+    if runs is None:
+        return []
+    rows = []
+    for run in runs:
+        rate = f"{run['rate']:,}/s"
+        rows.append(
+            (
+                f"queue lag p50 / max at {rate} (ms)",
+                f"{run['lag']['p50_ms']:.1f} / {run['lag']['max_ms']:.1f}",
+                "",
+                "",
+                "",
+                f"offered {run['offered_per_s']:,}/s; CPU {run['cpu_share']:.2f} of a core; "
+                f"append p99 {run['append']['p99_ms']:.1f} ms",
+            )
+        )
+    return rows
+
+
+def _lag_line(lag: dict[str, Any]) -> str:
+    if "runs" not in lag:
+        return f"lag: {lag.get('skipped') or lag.get('error')}"
+    runs = lag["runs"]
+    exact = all(run["exact"] for run in runs)
+    return (
+        f"lag: {runs[0]['sessions']} sessions append 17-entry batches on an open-loop clock to "
+        f"a DurableSessionStore in front of {lag['backend']} (healthy), "
+        f"{runs[0]['seconds']:.1f} s per rate; the queue's lag (status()) sampled every "
+        f"{runs[0]['sample_interval_s'] * 1000:g} ms; nothing else in the process "
+        "(bench --scenario steady adds the SDK's batcher); "
+        + ("every entry stored exactly once." if exact else "NOT every entry stored once.")
+    )
 
 
 async def run(

@@ -279,7 +279,13 @@ def test_bench_quick_json(tmp_path: Path) -> None:
         assert report["ingest"][sessions]["entries_per_s"] > 0
     assert report["ingest"]["sessions_50"]["sessions"] == 50
     assert "p50_ms" in report["baseline"]["sqlite_commit_17"]
-    assert {c["measure"] for c in report["checks"]} >= {"ingest, 50 sessions (entries/s)"}
+    assert {c["measure"] for c in report["checks"]} >= {
+        "ingest, 50 sessions (entries/s)",
+        "queue lag p99 at 10,000/s, redis (ms)",  # the tests have a Redis
+    }
+    runs = report["lag"]["runs"]
+    assert [run["rate"] for run in runs] == [1_000, 10_000]
+    assert all(run["exact"] and run["drained"] and run["lag_samples"] > 0 for run in runs)
     assert all(isinstance(c["met"], bool) for c in report["checks"])
 
 
