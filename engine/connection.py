@@ -99,6 +99,8 @@ class Connection:
 
     def submit(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the connection's thread; it reports back on its own."""
+        if self._thread is None:  # a job nobody would ever run: fail now, not hang
+            raise QueueClosedError(f"the queue's {self._name} connection is not open")
         self._jobs.put(job)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:

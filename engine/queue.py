@@ -368,6 +368,19 @@ def _insert(conn: sqlite3.Connection, into: str, rows: list[tuple[Any, ...]]) ->
         )
 
 
+# An ack: (acked, confirmed, solo_length, backend, key_id, acked). A cursor never moves
+# back by an ack, so acks may commit in any order, in any transaction.
+_ACK_UPDATE = (
+    "UPDATE cursors SET acked = ?, confirmed = ?, solo_length = ?,"
+    " legacy_base = NULL WHERE backend = ? AND key_id = ? AND acked <= ?"
+)
+
+
+def _settle_all(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        settle(future, None, error)
+
+
 def split_key(key: SessionKey) -> tuple[str, str, str]:
     return key["project_key"], key["session_id"], key.get("subpath") or ""
 
@@ -410,7 +423,8 @@ class WriteAheadQueue:
         self._disk_pressure = False  # writer-thread owned: the disk filled up, not yet freed
         self._backends: tuple[str, ...] = ()
         self._pending: deque[_AppendRequest] = deque()  # appended on the loop, taken by the writer
-        self._acks: deque[tuple[Any, ...]] = deque()  # cursor updates, the same way
+        # Cursor updates, the same way, each with the future its ``ack`` awaits.
+        self._acks: deque[tuple[tuple[Any, ...], asyncio.Future[None]]] = deque()
         # Writer-thread state: (project, session, subpath) -> [key_id, next_seq].
         self._key_cache: dict[tuple[str, str, str], list[int]] = {}
         self._ledger = UuidLedger(self._ledger_uuids)  # writer-thread owned
@@ -606,15 +620,20 @@ class WriteAheadQueue:
 
     def _commit_pending(self, loop: asyncio.AbstractEventLoop) -> None:
         """Writer thread: commit every pending append in one transaction, then report
-        back to the event loop in one call."""
+        back to the event loop in one call. Pending acks (see ``ack``) ride in the
+        same transaction; when it fails they are committed alone (an append's failure
+        is not theirs)."""
+        acks = self._take_acks()
         if not self._pending:
+            self._settle_acks(loop, acks)
             return
         group: list[_AppendRequest] = []
         while self._pending:
             group.append(self._pending.popleft())
         try:
-            results = self._commit_group(group)
+            results = self._commit_group(group, [row for row, _ in acks])
         except Exception as exc:
+            self._settle_acks(loop, acks)
             if len(group) == 1 or _disk_full(exc):
                 loop.call_soon_threadsafe(self._report, group, None, self._explain(exc))
                 return
@@ -629,6 +648,8 @@ class WriteAheadQueue:
                     loop.call_soon_threadsafe(self._report, [request], alone, None)
         else:
             loop.call_soon_threadsafe(self._report, group, results, None)
+            if acks:
+                loop.call_soon_threadsafe(_settle_all, [done for _, done in acks], None)
 
     def _explain(self, exc: Exception) -> Exception:
         if _disk_full(exc):
@@ -652,7 +673,9 @@ class WriteAheadQueue:
             if self.on_commit is not None:
                 self.on_commit()
 
-    def _commit_group(self, group: list[_AppendRequest]) -> list[int]:
+    def _commit_group(
+        self, group: list[_AppendRequest], acks: list[tuple[Any, ...]] | None = None
+    ) -> list[int]:
         conn = self._writer.conn
         now = time.time()
         accepted: list[int] = []
@@ -695,6 +718,8 @@ class WriteAheadQueue:
                     " WHERE keys.key_id = v.column1",
                     (now, *(value for row in part for value in row)),
                 )
+            if acks:
+                conn.executemany(_ACK_UPDATE, acks)
             conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
@@ -898,38 +923,76 @@ class WriteAheadQueue:
         mark) or the flusher skips (uuid tail check); the next append's commit syncs
         it anyway. Acks made while the writer is busy share one transaction (as
         appends share a group commit): many keys delivering at once cost the writer
-        one job, not one each."""
-        self._acks.append((acked, confirmed, solo_length, backend, key_id, acked))
-        # The first job takes every ack pending; those behind it find none and return
-        # at once (their ack is in, the jobs run in order).
-        await self._drain_write(self._commit_acks)
+        one job, not one each.
 
-    def _commit_acks(self) -> None:
-        """Writer thread: commit every pending ack in one transaction. On failure they
-        go back to the front of the line, for the next job (or retry) to commit."""
-        taken: list[tuple[Any, ...]] = []
+        An ack does not wait for its place in the writer's line: the next job the
+        writer runs, of any kind (an append's group commit included), commits every
+        pending ack first and settles them. The delivery that waits on it holds its
+        key and a flusher slot, so an ack behind a line of group commits (each an
+        fsync) would hold back every key's next delivery."""
+        row = (acked, confirmed, solo_length, backend, key_id, acked)
+        loop = asyncio.get_running_loop()
+        for attempt in range(3):
+            done: asyncio.Future[None] = loop.create_future()
+            self._acks.append((row, done))
+            self._writer.submit(lambda: self._commit_acks(loop))
+            try:
+                await done
+            except sqlite3.OperationalError as exc:
+                # A full disk: room is made (``_drain_write``) and the ack tried again.
+                if not _disk_full(exc) or attempt == 2:
+                    raise
+                await self._writer.run(self._make_disk_room)
+            else:
+                self._wrote(4096)
+                return
+
+    def _commit_acks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Writer thread: commit every pending ack in one transaction, then settle each
+        ack's future."""
+        self._settle_acks(loop, self._take_acks())
+
+    def _take_acks(self) -> list[tuple[tuple[Any, ...], asyncio.Future[None]]]:
+        taken = []
         while self._acks:
             taken.append(self._acks.popleft())
+        return taken
+
+    def _settle_acks(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        taken: list[tuple[tuple[Any, ...], asyncio.Future[None]]],
+    ) -> None:
+        """Commit ``taken`` acks in a transaction of their own, then settle them (with
+        the error, when it failed: each ``ack`` raises it, or tries again)."""
         if not taken:
             return
+        error: BaseException | None = None
+        try:
+            self._commit_ack_rows([row for row, _ in taken])
+        except BaseException as exc:  # each ack's caller gets it; the writer goes on
+            error = exc
+            # Back to the front of the line: the next transaction commits them too
+            # (their futures are settled by then; a settled future stays as it is).
+            self._acks.extendleft(reversed(taken))
+        loop.call_soon_threadsafe(_settle_all, [done for _, done in taken], error)
+
+    def _commit_ack_rows(self, rows: list[tuple[Any, ...]]) -> None:
         conn = self._writer.conn
         try:
             if self.synchronous == "FULL":
                 conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                "UPDATE cursors SET acked = ?, confirmed = ?, solo_length = ?,"
-                " legacy_base = NULL WHERE backend = ? AND key_id = ? AND acked <= ?",
-                taken,
-            )
+            conn.executemany(_ACK_UPDATE, rows)
             conn.execute("COMMIT")
         except BaseException:
             rollback(conn)
-            self._acks.extendleft(reversed(taken))
             raise
         finally:
             if self.synchronous == "FULL":
                 conn.execute("PRAGMA synchronous = FULL")
+        if self._disk_pressure:
+            self._checkpoint_truncate()  # as every drain-side write does (_drain_write)
 
     async def rewind(self, backend: str, key_id: int, mark: int | None) -> Loss | None:
         """``backend`` lost entries it acknowledged and now holds this producer's

@@ -27,6 +27,7 @@ from memory_store import GatedStore, MemoryStore, SlowSessionStore
 import walmirror.queue
 from walmirror import DurableSessionStore, flusher, ledger
 from walmirror.connection import WAL_PAGES
+from walmirror.errors import QueueClosedError
 from walmirror.faults import FaultyStore
 from walmirror.ledger import UuidLedger
 from walmirror.protocol import HINT_FIELD, HINT_TIMESTAMP, HINT_USER
@@ -348,9 +349,9 @@ async def test_acks_made_while_the_writer_is_busy_share_one_transaction(
     taken: list[int] = []
     real = queue._commit_acks
 
-    def commit_acks() -> None:
+    def commit_acks(loop: asyncio.AbstractEventLoop) -> None:
         taken.append(len(queue._acks))
-        real()
+        real(loop)
 
     monkeypatch.setattr(queue, "_commit_acks", commit_acks)
     busy = threading.Event()
@@ -385,6 +386,93 @@ async def test_acks_of_a_failed_transaction_are_committed_by_the_next(
     await queue.ack(backend, ids["s2"], 1, 0, 1)
     for session in ("s1", "s2"):
         assert (await queue.cursor(backend, ids[session])).acked == 1
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let other tasks run until ``condition`` holds (a hang guard, not a timing)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
+async def test_an_ack_is_committed_by_the_writers_next_job_not_its_own_turn(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    # A delivery holds its key and a flusher slot until its ack is in: the ack must
+    # not wait behind the writer's line of group commits (each an fsync).
+    faulty = FaultyStore(MemoryStore())
+    faulty.down()
+    store = make_durable(faulty, **TUNING)
+    await store.append(key(1), [{"n": 0}])
+    queue: Any = store.queue
+    backend = store.backend_names[0]
+    (key_id,) = [k.key_id for k, _ in await queue.all_keys()]
+    first, second = threading.Event(), threading.Event()
+    queue._writer.submit(first.wait)  # the writer is busy...
+    append = asyncio.ensure_future(store.append(key(2), [{"n": 0}]))
+    await _until(lambda: bool(queue._pending))  # ...its group commit is in line...
+    queue._writer.submit(second.wait)  # ...then another job...
+    ack = asyncio.ensure_future(queue.ack(backend, key_id, 1, 0, 1))
+    await _until(lambda: bool(queue._acks))  # ...then the ack's own job
+    first.set()
+    try:
+        # The group commit takes the ack into its transaction: the ack returns while
+        # its own job still waits behind ``second``.
+        await asyncio.wait_for(asyncio.gather(append, ack), 30)
+        assert not second.is_set()
+        assert (await queue.cursor(backend, key_id)).acked == 1
+    finally:
+        second.set()
+
+
+async def test_acks_riding_in_a_failed_group_commit_are_committed_alone(
+    make_durable: Callable[..., DurableSessionStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faulty = FaultyStore(MemoryStore())
+    faulty.down()
+    store = make_durable(faulty, **TUNING)
+    await store.append(key(1), [{"n": 0}])
+    queue: Any = store.queue
+    backend = store.backend_names[0]
+    (key_id,) = [k.key_id for k, _ in await queue.all_keys()]
+    real = queue._commit_group
+    riders: list[int] = []
+
+    def failing_group(group: list[Any], acks: Any = None) -> list[int]:
+        if acks:
+            riders.append(len(acks))
+            raise sqlite3.OperationalError("injected: the group's transaction failed")
+        return list(real(group, acks))
+
+    monkeypatch.setattr(queue, "_commit_group", failing_group)
+    busy = threading.Event()
+    queue._writer.submit(busy.wait)
+    append = asyncio.ensure_future(store.append(key(2), [{"n": 0}]))
+    ack = asyncio.ensure_future(queue.ack(backend, key_id, 1, 0, 1))
+    await _until(lambda: bool(queue._pending and queue._acks))
+    busy.set()
+    await asyncio.wait_for(ack, 30)  # committed alone: the append's failure is not its
+    with pytest.raises(sqlite3.OperationalError, match="injected"):
+        await asyncio.wait_for(append, 30)
+    assert riders == [1]
+    assert (await queue.cursor(backend, key_id)).acked == 1
+
+
+async def test_an_ack_after_the_queue_closed_raises_instead_of_hanging(
+    make_durable: Callable[..., DurableSessionStore],
+) -> None:
+    faulty = FaultyStore(MemoryStore())
+    faulty.down()
+    store = make_durable(faulty, **TUNING)
+    await store.append(key(1), [{"n": 0}])
+    queue: Any = store.queue
+    backend = store.backend_names[0]
+    (key_id,) = [k.key_id for k, _ in await queue.all_keys()]
+    await store.close(timeout=0)
+    with pytest.raises(QueueClosedError):
+        await asyncio.wait_for(queue.ack(backend, key_id, 1, 0, 1), 30)
 
 
 async def test_a_big_append_is_stored_as_several_rows_and_read_across_them(
