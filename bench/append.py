@@ -323,7 +323,7 @@ async def _heal_trials(
             assert watch.first_at is not None
             heal.append(watch.first_at - started)
             await store.flush(timeout=60.0)
-        delivered = await _length(inner, key)
+        delivered = await stored_length(inner, key)
     finally:
         await store.close(timeout=10.0, close_backends=True)
     writes = sum(calls.get(op, 0) for op in ("append", "append_batch", "delete"))
@@ -349,7 +349,8 @@ async def _heal_trials(
     }
 
 
-async def _length(store: SessionStore, key: SessionKey) -> int:
+async def stored_length(store: SessionStore, key: SessionKey) -> int:
+    """How many entries ``store`` holds for ``key`` (its ``length`` when it has one)."""
     length = getattr(store, "length", None)
     if callable(length):
         return int(await length(key))

@@ -32,7 +32,7 @@ from typing import Any, cast
 from claude_agent_sdk.types import SessionKey, SessionStore
 
 from walmirror import DurableSessionStore, FlushTimeoutError
-from walmirror.bench.append import BATCH, make_batch
+from walmirror.bench.append import BATCH, make_batch, stored_length
 from walmirror.store import close_backends
 
 
@@ -123,7 +123,7 @@ async def steady_lag(
             drained = False
     finally:
         await store.close(timeout=10.0)
-    lengths = [await _length(backend, key) for key in keys]
+    lengths = [await stored_length(backend, key) for key in keys]
     total = sum(sent)
     return {
         "rate": run.rate,
@@ -141,13 +141,6 @@ async def steady_lag(
         "delivered": sum(lengths),
         "exact": lengths == sent,
     }
-
-
-async def _length(store: SessionStore, key: SessionKey) -> int:
-    length = getattr(store, "length", None)
-    if callable(length):
-        return int(await length(key))
-    return len(await store.load(key) or [])
 
 
 async def lag_at_rates(redis_url: str, directory: Path, runs: list[LagRun]) -> dict[str, Any]:

@@ -388,6 +388,20 @@ async def test_acks_of_a_failed_transaction_are_committed_by_the_next(
         assert (await queue.cursor(backend, ids[session])).acked == 1
 
 
+async def _one_key_store(
+    make_durable: Callable[..., DurableSessionStore],
+) -> tuple[DurableSessionStore, Any, str, int]:
+    """A store whose backend is down (its flusher acks nothing itself) holding one key:
+    the store, its queue, the backend's cursor name and the key's id."""
+    faulty = FaultyStore(MemoryStore())
+    faulty.down()
+    store = make_durable(faulty, **TUNING)
+    await store.append(key(1), [{"n": 0}])
+    queue: Any = store.queue
+    (key_id,) = [k.key_id for k, _ in await queue.all_keys()]
+    return store, queue, store.backend_names[0], key_id
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     """Let other tasks run until ``condition`` holds (a hang guard, not a timing)."""
     for _ in range(10_000):
@@ -402,13 +416,7 @@ async def test_an_ack_is_committed_by_the_writers_next_job_not_its_own_turn(
 ) -> None:
     # A delivery holds its key and a flusher slot until its ack is in: the ack must
     # not wait behind the writer's line of group commits (each an fsync).
-    faulty = FaultyStore(MemoryStore())
-    faulty.down()
-    store = make_durable(faulty, **TUNING)
-    await store.append(key(1), [{"n": 0}])
-    queue: Any = store.queue
-    backend = store.backend_names[0]
-    (key_id,) = [k.key_id for k, _ in await queue.all_keys()]
+    store, queue, backend, key_id = await _one_key_store(make_durable)
     first, second = threading.Event(), threading.Event()
     queue._writer.submit(first.wait)  # the writer is busy...
     append = asyncio.ensure_future(store.append(key(2), [{"n": 0}]))
@@ -430,13 +438,7 @@ async def test_an_ack_is_committed_by_the_writers_next_job_not_its_own_turn(
 async def test_acks_riding_in_a_failed_group_commit_are_committed_alone(
     make_durable: Callable[..., DurableSessionStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    faulty = FaultyStore(MemoryStore())
-    faulty.down()
-    store = make_durable(faulty, **TUNING)
-    await store.append(key(1), [{"n": 0}])
-    queue: Any = store.queue
-    backend = store.backend_names[0]
-    (key_id,) = [k.key_id for k, _ in await queue.all_keys()]
+    store, queue, backend, key_id = await _one_key_store(make_durable)
     real = queue._commit_group
     riders: list[int] = []
 
@@ -463,13 +465,7 @@ async def test_acks_riding_in_a_failed_group_commit_are_committed_alone(
 async def test_an_ack_after_the_queue_closed_raises_instead_of_hanging(
     make_durable: Callable[..., DurableSessionStore],
 ) -> None:
-    faulty = FaultyStore(MemoryStore())
-    faulty.down()
-    store = make_durable(faulty, **TUNING)
-    await store.append(key(1), [{"n": 0}])
-    queue: Any = store.queue
-    backend = store.backend_names[0]
-    (key_id,) = [k.key_id for k, _ in await queue.all_keys()]
+    store, queue, backend, key_id = await _one_key_store(make_durable)
     await store.close(timeout=0)
     with pytest.raises(QueueClosedError):
         await asyncio.wait_for(queue.ack(backend, key_id, 1, 0, 1), 30)
