@@ -368,8 +368,8 @@ def _insert(conn: sqlite3.Connection, into: str, rows: list[tuple[Any, ...]]) ->
         )
 
 
-# An ack: (acked, confirmed, solo_length, backend, key_id, acked). A cursor never moves
-# back by an ack, so acks may commit in any order, in any transaction.
+# An ack: (acked, confirmed, solo_length, backend, key_id, acked). An ack never moves a
+# cursor back (only a rewind does), so acks pending together may share any transaction.
 _ACK_UPDATE = (
     "UPDATE cursors SET acked = ?, confirmed = ?, solo_length = ?,"
     " legacy_base = NULL WHERE backend = ? AND key_id = ? AND acked <= ?"
@@ -621,8 +621,8 @@ class WriteAheadQueue:
     def _commit_pending(self, loop: asyncio.AbstractEventLoop) -> None:
         """Writer thread: commit every pending append in one transaction, then report
         back to the event loop in one call. Pending acks (see ``ack``) ride in the
-        same transaction; when it fails they are committed alone (an append's failure
-        is not theirs)."""
+        same transaction. When it fails, the acks are committed alone and the group
+        again without them: neither part fails for the other's fault."""
         acks = self._take_acks()
         if not self._pending:
             self._settle_acks(loop, acks)
@@ -630,10 +630,23 @@ class WriteAheadQueue:
         group: list[_AppendRequest] = []
         while self._pending:
             group.append(self._pending.popleft())
+        if acks:
+            try:
+                results = self._commit_group(group, [row for row, _ in acks])
+            except Exception:
+                self._settle_acks(loop, acks)
+            else:
+                loop.call_soon_threadsafe(self._report, group, results, None)
+                loop.call_soon_threadsafe(_settle_all, [done for _, done in acks], None)
+                return
+        self._commit_appends(loop, group)
+
+    def _commit_appends(self, loop: asyncio.AbstractEventLoop, group: list[_AppendRequest]) -> None:
+        """Writer thread: commit ``group`` in one transaction; if that fails, each request
+        alone (unless it was the only one, or the disk is full)."""
         try:
-            results = self._commit_group(group, [row for row, _ in acks])
+            results = self._commit_group(group)
         except Exception as exc:
-            self._settle_acks(loop, acks)
             if len(group) == 1 or _disk_full(exc):
                 loop.call_soon_threadsafe(self._report, group, None, self._explain(exc))
                 return
@@ -648,8 +661,6 @@ class WriteAheadQueue:
                     loop.call_soon_threadsafe(self._report, [request], alone, None)
         else:
             loop.call_soon_threadsafe(self._report, group, results, None)
-            if acks:
-                loop.call_soon_threadsafe(_settle_all, [done for _, done in acks], None)
 
     def _explain(self, exc: Exception) -> Exception:
         if _disk_full(exc):
@@ -926,10 +937,13 @@ class WriteAheadQueue:
         one job, not one each.
 
         An ack does not wait for its place in the writer's line: the next job the
-        writer runs, of any kind (an append's group commit included), commits every
-        pending ack first and settles them. The delivery that waits on it holds its
-        key and a flusher slot, so an ack behind a line of group commits (each an
-        fsync) would hold back every key's next delivery."""
+        writer runs commits every pending ack and settles them (an append's group
+        commit takes them into its own transaction). The delivery that waits on it
+        holds its key and a flusher slot, so an ack behind a line of group commits
+        (each an fsync) would hold back every key's next delivery. A failed ack is
+        not kept for later (``_settle_acks``)."""
+        if self._closed:
+            raise QueueClosedError("the queue is closed")
         row = (acked, confirmed, solo_length, backend, key_id, acked)
         loop = asyncio.get_running_loop()
         for attempt in range(3):
@@ -971,10 +985,12 @@ class WriteAheadQueue:
         try:
             self._commit_ack_rows([row for row, _ in taken])
         except BaseException as exc:  # each ack's caller gets it; the writer goes on
+            # Not kept for a later transaction: an ack must never outlive the delivery
+            # that made it. A rewind of the key (the backend lost data) may move its
+            # cursor back meanwhile, and a stale ack committed after it would skip what
+            # must be re-sent. An ack that failed is a delivery to make again, which
+            # the backend's mark (or the uuid tail check) turns into a no-op.
             error = exc
-            # Back to the front of the line: the next transaction commits them too
-            # (their futures are settled by then; a settled future stays as it is).
-            self._acks.extendleft(reversed(taken))
         loop.call_soon_threadsafe(_settle_all, [done for _, done in taken], error)
 
     def _commit_ack_rows(self, rows: list[tuple[Any, ...]]) -> None:
