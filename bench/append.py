@@ -788,7 +788,11 @@ def _lag_line(lag: dict[str, Any]) -> str:
         f"{runs[0]['seconds']:.1f} s per rate; the queue's lag (status()) sampled every "
         f"{runs[0]['sample_interval_s'] * 1000:g} ms; nothing else in the process "
         "(bench --scenario steady adds the SDK's batcher); "
-        + ("every entry stored exactly once." if exact else "NOT every entry stored once.")
+        + (
+            "each key's length in the backend is what it appended."
+            if exact
+            else "SOME KEY'S LENGTH IN THE BACKEND IS NOT WHAT IT APPENDED."
+        )
     )
 
 

@@ -76,6 +76,7 @@ async def steady_lag(
     lags: list[float] = []
     sent = [0] * run.sessions
     done = asyncio.Event()
+    sampler: asyncio.Task[None] | None = None
 
     async def session(i: int, start: float) -> None:
         key = keys[i]
@@ -122,6 +123,10 @@ async def steady_lag(
         except FlushTimeoutError:
             drained = False
     finally:
+        done.set()
+        if sampler is not None and not sampler.done():  # a session raised
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
         await store.close(timeout=10.0)
     lengths = [await stored_length(backend, key) for key in keys]
     total = sum(sent)
@@ -139,7 +144,7 @@ async def steady_lag(
         "cpu_share": round(cpu / elapsed, 3),  # of one core; >= 1 means more than one
         "drained": drained,
         "delivered": sum(lengths),
-        "exact": lengths == sent,
+        "exact": lengths == sent,  # each key's backend length is what it appended
     }
 
 

@@ -3,13 +3,15 @@ what it samples, and that it checks delivery. Structure only, no timings."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
 from walmirror.backends.file import FileStore
-from walmirror.bench.append import BATCH, _lag_checks
+from walmirror.bench.append import BATCH, _lag_checks, make_batch
 from walmirror.bench.lag import LagRun, steady_lag
 
 
@@ -61,3 +63,25 @@ async def test_steady_lag_refuses_non_positive_settings(tmp_path: Path, field: s
     settings = {"rate": 1_000, "sessions": 2, "seconds": 0.1, "interval": 0.02, field: 0}
     with pytest.raises(ValueError, match="must be positive"):
         await steady_lag(FileStore(tmp_path / "b"), tmp_path / "q.db", LagRun(**settings), "p")
+
+
+async def test_steady_lag_stops_its_sampler_when_a_session_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import walmirror.bench.lag as lag
+
+    made = 0
+
+    def failing_batch(prefix: str, start: int) -> Any:
+        nonlocal made
+        made += 1
+        if made > 3:  # the warm-up and a few batches, then the load generator breaks
+            raise RuntimeError("injected: the generator failed")
+        return make_batch(prefix, start)
+
+    monkeypatch.setattr(lag, "make_batch", failing_batch)
+    run = LagRun(rate=2_000, sessions=2, seconds=1.0, interval=0.01)
+    with pytest.raises(RuntimeError, match="injected"):
+        await steady_lag(FileStore(tmp_path / "b"), tmp_path / "q.db", run, "p")
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not [t for t in others if "sample" in repr(t.get_coro())]
