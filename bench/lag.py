@@ -32,7 +32,7 @@ from typing import Any, cast
 from claude_agent_sdk.types import SessionKey, SessionStore
 
 from walmirror import DurableSessionStore, FlushTimeoutError
-from walmirror.bench.append import BATCH, make_batch, stored_length
+from walmirror.bench.append import BATCH, make_batch, stored_length, summarise
 from walmirror.store import close_backends
 
 
@@ -44,17 +44,9 @@ class LagRun:
     interval: float  # between lag samples
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _ms(values: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(_pct(values, 0.5) * 1000, 3),
-        "p99_ms": round(_pct(values, 0.99) * 1000, 3),
-        "max_ms": round(max(values) * 1000, 3),
-    }
+def _ms(values: list[float]) -> dict[str, Any]:
+    """``summarise``'s percentiles (the same rule as the append figures), and the max."""
+    return {**summarise(values), "max_ms": round(max(values) * 1000, 4)}
 
 
 async def steady_lag(
